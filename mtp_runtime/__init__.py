@@ -1,0 +1,35 @@
+"""mtp-runtime: speculative decoding with DeepSeek multi-token-prediction (MTP) modules.
+
+    import mtp_runtime
+    rt = mtp_runtime.load()                 # the shipped default model, or load("path/to/hf-folder")
+    out = rt.generate("def fib(n):", max_new_tokens=64, draft="dynamic")
+    print(out.text, out.stats.mean_accepted_length)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MTPRuntimeError
+from .runtime import GenerationResult, GenerationStream, Runtime, StreamChunk
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
+
+__all__ = ["load", "generate", "Runtime", "GenerationResult", "GenerationStream", "StreamChunk",
+           "MTPRuntimeError", "DEFAULT_MODEL"]
+
+
+def load(path: str | Path | None = None, device=None, dtype=None) -> Runtime:
+    """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model."""
+    if path is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise MTPRuntimeError(
+                f"the shipped default model is missing at {DEFAULT_MODEL}; pass a model folder or reinstall")
+        path = DEFAULT_MODEL
+    return Runtime.from_folder(path, device=device, dtype=dtype)
+
+
+def generate(prompt, model: Runtime | str | Path | None = None, **kwargs):
+    """One-liner: load `model` (a Runtime, a folder, or None for the default) and generate from prompt."""
+    runtime = model if isinstance(model, Runtime) else load(model)
+    return runtime.generate(prompt, **kwargs)

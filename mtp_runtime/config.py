@@ -1,0 +1,296 @@
+"""ModelConfig: the architecture of a DeepSeek-V2/V3 checkpoint, read from its HF config.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+# Fields a config.json must name; the rest default as transformers' config classes do.
+REQUIRED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings, normalised from `rope_parameters` or the older `rope_scaling`."""
+
+    theta: float = 10000.0
+    """Base wavelength."""
+    type: str = "default"
+    """"default" or "yarn"."""
+    factor: float = 1.0
+    """YaRN context-extension factor."""
+    original_max_position_embeddings: int = 4096
+    """Context length the model was pre-trained with (YaRN)."""
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    """Explicit cos/sin scale; derived from mscale/mscale_all_dim when None."""
+    truncate: bool = True
+    interleave: bool = True
+    """Checkpoint stores the rope dims of q/k as interleaved pairs (DeepSeek's layout)."""
+
+    @staticmethod
+    def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """The factor YaRN applies to cos/sin (1.0 without YaRN)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.yarn_mscale(self.factor, self.mscale) / self.yarn_mscale(self.factor, self.mscale_all_dim)
+        return self.yarn_mscale(self.factor)
+
+    @property
+    def softmax_scale_multiplier(self) -> float:
+        """mscale_all_dim correction of the attention softmax scale (squared, as DeepSeek does)."""
+        if self.type == "default" or not self.mscale_all_dim:
+            return 1.0
+        m = self.yarn_mscale(self.factor, self.mscale_all_dim)
+        return m * m
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architecture field of a DeepSeek-V2/V3 model."""
+
+    model_type: str
+    # vocabulary and widths
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    """Width of the dense MLP layers."""
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    # mla
+    q_lora_rank: int | None
+    """Rank of the query compression; None means a plain q_proj."""
+    kv_lora_rank: int
+    """Width of the cached latent c_kv."""
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    """Width of the decoupled roped key k_pe (shared by all heads) and of each head's q_pe."""
+    v_head_dim: int
+    attention_bias: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # moe
+    n_routed_experts: int | None = None
+    """None or 0 means every layer is dense."""
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    # misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    """Number of MTP modules stored after the trunk layers."""
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5 * self.rope.softmax_scale_multiplier
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """True when layer `layer_idx` (trunk or MTP numbering) uses routed experts."""
+        return bool(self.n_routed_experts) and layer_idx >= self.first_k_dense_replace and (
+            layer_idx % self.moe_layer_freq == 0
+        )
+
+    def latent_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """Cache bytes per token over all trunk layers: c_kv plus k_pe."""
+        return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * bytes_per_element
+
+    def expanded_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """What a cache of decompressed per-head K and V would need per token."""
+        per_layer = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+        return self.num_hidden_layers * per_layer * bytes_per_element
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        return _parse(raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found; point to a folder holding an HF config.json")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); fix or re-export the config") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return _parse(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json fields transformers' DeepseekV3Config / DeepseekV2Config read."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rope"}
+        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
+        if self.rope.type == "yarn":
+            rope.update(factor=self.rope.factor, beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow,
+                        mscale=self.rope.mscale, mscale_all_dim=self.rope.mscale_all_dim,
+                        original_max_position_embeddings=self.rope.original_max_position_embeddings)
+        out["rope_parameters"] = rope
+        out["rope_theta"] = self.rope.theta
+        out["rope_interleave"] = self.rope.interleave
+        out["num_key_value_heads"] = self.num_attention_heads
+        return out
+
+
+def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: unsupported model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    missing = [name for name in REQUIRED_FIELDS if name not in raw]
+    if "q_lora_rank" not in raw and model_type == "deepseek_v3":
+        missing.append("q_lora_rank")
+    if missing:
+        raise ConfigError(f"{source}: required field(s) missing: {', '.join(missing)}")
+    is_v3 = model_type == "deepseek_v3"
+    defaults = {
+        "q_lora_rank": 1536,
+        "topk_method": "noaux_tc" if is_v3 else "greedy",
+        "scoring_func": "sigmoid" if is_v3 else "softmax",
+        "norm_topk_prob": is_v3,
+        "routed_scaling_factor": 2.5 if is_v3 else 1.0,
+        "n_group": 1, "topk_group": 1, "n_shared_experts": 0, "num_experts_per_tok": 1,
+        "moe_intermediate_size": 0, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+    }
+    values: dict[str, Any] = {"model_type": model_type}
+    for f in fields(ModelConfig):
+        if f.name in ("model_type", "rope"):
+            continue
+        if f.name in raw:
+            value = raw[f.name]
+            if value is None and f.name in defaults and f.name not in ("q_lora_rank",):
+                value = defaults[f.name]
+            values[f.name] = value
+        elif f.name in defaults:
+            values[f.name] = defaults[f.name]
+    if "num_nextn_predict_layers" not in raw and "num_mtp_layers" in raw:
+        values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
+    values["rope"] = _parse_rope(raw, source)
+    _check_types(values, source)
+    config = ModelConfig(**values)
+    _check_consistency(config, source)
+    return config
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {type(params).__name__}")
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; use 'default' or 'yarn'")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    try:
+        kwargs: dict[str, Any] = {"theta": float(theta), "type": rope_type,
+                                  "interleave": bool(raw.get("rope_interleave", True))}
+        if rope_type == "yarn":
+            kwargs.update(
+                factor=float(params.get("factor", 1.0)),
+                original_max_position_embeddings=int(
+                    params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))),
+                beta_fast=float(params.get("beta_fast") or 32.0),
+                beta_slow=float(params.get("beta_slow") or 1.0),
+                mscale=float(params.get("mscale") or 0.0),
+                mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+                attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
+                truncate=bool(params.get("truncate", True)),
+            )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: bad RoPE parameters ({exc})") from None
+    return RopeConfig(**kwargs)
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+               "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
+               "moe_layer_freq", "n_group", "topk_group", "num_nextn_predict_layers")
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    bad = []
+    for name in _INT_FIELDS:
+        v = values.get(name)
+        if name in values and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            bad.append(f"{name}={v!r} (expected a non-negative integer)")
+    for name in ("q_lora_rank", "n_routed_experts"):
+        v = values.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            bad.append(f"{name}={v!r} (expected a non-negative integer or null)")
+    for name in ("rms_norm_eps", "routed_scaling_factor"):
+        v = values.get(name)
+        if name in values and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            bad.append(f"{name}={v!r} (expected a number)")
+    if values.get("topk_method") not in TOPK_METHODS:
+        bad.append(f"topk_method={values.get('topk_method')!r} (expected one of {', '.join(TOPK_METHODS)})")
+    if values.get("scoring_func") not in SCORING_FUNCS:
+        bad.append(f"scoring_func={values.get('scoring_func')!r} (expected one of {', '.join(SCORING_FUNCS)})")
+    if values.get("hidden_act", "silu") != "silu":
+        bad.append(f"hidden_act={values.get('hidden_act')!r} (only 'silu' is supported)")
+    if bad:
+        raise ConfigError(f"{source}: invalid field(s): {'; '.join(bad)}")
+
+
+def _check_consistency(config: ModelConfig, source: str) -> None:
+    problems = []
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                 "qk_rope_head_dim", "v_head_dim"):
+        if getattr(config, name) <= 0:
+            problems.append(f"{name} must be positive")
+    if config.qk_rope_head_dim % 2:
+        problems.append("qk_rope_head_dim must be even")
+    if config.n_routed_experts:
+        if config.num_experts_per_tok > config.n_routed_experts:
+            problems.append("num_experts_per_tok exceeds n_routed_experts")
+        if config.moe_intermediate_size <= 0:
+            problems.append("moe_intermediate_size must be positive for MoE models")
+        if config.n_group < 1 or config.n_routed_experts % config.n_group:
+            problems.append("n_routed_experts must be divisible by n_group")
+        if config.topk_group > config.n_group:
+            problems.append("topk_group exceeds n_group")
+    if problems:
+        raise ConfigError(f"{source}: inconsistent config: {'; '.join(problems)}")

@@ -1,0 +1,296 @@
+"""MTP drafting: the MTP modules' latent caches (prefill, commit) and growing a draft tree depth by depth.
+
+Cache layout (module j is 1-based, D modules): module j's entry at slot s (= its RoPE position) has input token
+t_s and hidden input = module j-1's normalised output at slot s-1 (module 0 is the trunk, whose hidden at
+position s-1 predicts t_s). It predicts t_{s+1}. With L committed trunk tokens and the pending token t_L, module
+j holds the slots [j, L] (the slots whose inputs are all known tokens), and `stash[j]` is its output at slot L.
+
+Drafting: the children of the root (depth 1) come from stash[1]. A node u at depth d-1 gets its children from
+module j = d: entry E(u, j) at slot L + depth(u), fed with E(parent(u), j - 1). Before that, module j also
+computes E(v, j) for u's drafted ancestors v, so that its attention sees the slots between L and u exactly as
+in training (transformers' MtpModel fills them the same way for a chain). Deeper than D, module D is reused
+on its own outputs (EAGLE style). Nothing here is committed: entries go to scratch slots after the cache length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import LatentCache
+from .model import DeepseekForCausalLM
+from .model.plan import AttentionPlan
+from .params import DraftParams
+from .sampling import SamplingParams, logits_to_probs
+from .verify.tree import DraftTree
+
+EXPANDED_MIN_TOKENS = 32  # forwards over at least this many new tokens use expanded (decompressed) attention
+
+
+def attention_impl(num_new_tokens: int) -> str:
+    """Expanded attention pays off for long prefills; decode and verify use the absorbed path."""
+    return "expanded" if num_new_tokens >= EXPANDED_MIN_TOKENS else "absorbed"
+
+
+def causal_visibility(batch: int, n: int, positions: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, n, n]: causal, hiding keys whose position is below `start`; every query always sees itself."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=positions.device)
+    return (causal & (positions >= start)[:, None, :]) | eye
+
+
+@dataclass
+class MTPState:
+    """The MTP modules' state between steps."""
+
+    cache: LatentCache
+    """D layers; lengths = L + 1 (slot 0 is never valid)."""
+    stash: torch.Tensor
+    """[D, B, H] each module's normalised output at slot L."""
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.cache.keep_rows(rows)
+        self.stash = self.stash[:, rows]
+
+
+@dataclass
+class _ModuleScratch:
+    """Uncommitted entries one MTP module computed during the current draft."""
+
+    nodes: torch.Tensor  # [B, c] pool node indices, in scratch-slot order
+    outputs: torch.Tensor  # [B, c, H]
+
+    def output_of(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Outputs [B, u, H] for nodes [B, u] (each must have an entry)."""
+        match = self.nodes[:, None, :] == nodes[:, :, None]  # [B, u, c]
+        index = match.float().argmax(dim=-1)
+        return self.outputs.gather(1, index[..., None].expand(-1, -1, self.outputs.shape[-1]))
+
+
+class Drafter:
+    """Runs the MTP modules: cache prefill and commit, and one draft tree per step."""
+
+    def __init__(self, model: DeepseekForCausalLM, draft: DraftParams, sampling: SamplingParams,
+                 generator: torch.Generator | None):
+        self.model = model
+        self.draft_params = draft
+        self.sampling = sampling
+        self.generator = generator
+
+    @property
+    def num_modules(self) -> int:
+        return self.model.num_mtp
+
+    def prefill(self, trunk_hidden: torch.Tensor, next_tokens: torch.Tensor, prompt_lens: torch.Tensor,
+                capacity: int) -> MTPState:
+        """Fill every module's cache for slots [j, P]: next_tokens [B, P] holds t_1..t_P per row (padded)."""
+        b, p, h = trunk_hidden.shape
+        cfg = self.model.config
+        cache = LatentCache(self.num_modules, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                            trunk_hidden.dtype, trunk_hidden.device)
+        cache.lengths.fill_(1)
+        positions = 1 + torch.arange(p, device=trunk_hidden.device).expand(b, p)
+        rows = torch.arange(b, device=trunk_hidden.device)
+        hidden_in, stash = trunk_hidden, []
+        for k in range(self.num_modules):
+            visible = causal_visibility(b, p, positions, start=k + 1)
+            plan = AttentionPlan.over_cache(cache, positions, visible, start=k + 1, impl=attention_impl(p))
+            out = self.model.forward_mtp(k, hidden_in, next_tokens, plan)
+            stash.append(out[rows, prompt_lens - 1])
+            hidden_in = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # module k's slot s-1
+        cache.commit(torch.arange(p, device=trunk_hidden.device).expand(b, p), prompt_lens)
+        return MTPState(cache, torch.stack(stash))
+
+    def commit(self, state: MTPState, path_hidden: torch.Tensor, new_tokens: torch.Tensor,
+               counts: torch.Tensor) -> None:
+        """Append slots L+1 .. L+counts: path_hidden [B, m, H] = trunk hidden of root + accepted nodes,
+        new_tokens [B, m] = accepted drafts then the bonus token (rows padded past counts[b])."""
+        b, m, _ = path_hidden.shape
+        cache = state.cache
+        positions = cache.lengths[:, None] + torch.arange(m, device=path_hidden.device)
+        rows = torch.arange(b, device=path_hidden.device)
+        hidden_in, stash = path_hidden, []
+        for k in range(self.num_modules):
+            visible = causal_visibility(b, m, positions, start=k + 1)
+            plan = AttentionPlan.over_cache(cache, positions, visible, start=k + 1, impl=attention_impl(m))
+            out = self.model.forward_mtp(k, hidden_in, new_tokens, plan)
+            stash.append(out[rows, counts - 1])
+            hidden_in = torch.cat([state.stash[k][:, None], out[:, :-1]], dim=1)
+        cache.commit(torch.arange(m, device=path_hidden.device).expand(b, m), counts)
+        state.stash = torch.stack(stash)
+
+    def draft(self, state: MTPState, roots: torch.Tensor, trunk_lengths: torch.Tensor) -> DraftTree:
+        """Grow this step's draft tree from the pending tokens roots [B]."""
+        growth = _TreeGrowth(roots, self.draft_params, self.sampling, self.generator, self.model.config.vocab_size)
+        scratch: dict[int, _ModuleScratch] = {}
+        frontier = torch.zeros(roots.shape[0], 1, dtype=torch.long, device=roots.device)
+        frontier_logits = self.model.mtp_logits(0, state.stash[0])[:, None]  # [B, 1, V]
+        for depth in range(1, self.draft_params.max_depth + 1):
+            growth.expand(depth - 1, frontier, frontier_logits)
+            if depth == self.draft_params.max_depth:
+                break
+            frontier = growth.frontier(depth)
+            if frontier.shape[1] == 0:
+                break
+            frontier_logits = self._frontier_logits(state, growth, scratch, depth + 1, trunk_lengths)
+        return growth.finish()
+
+    def _frontier_logits(self, state, growth, scratch, depth, trunk_lengths) -> torch.Tensor:
+        """Logits [B, w, V] at the expanded nodes of depth-1, from module min(depth, D)."""
+        k = min(depth, self.num_modules) - 1
+        if depth <= self.num_modules:
+            nodes = torch.cat([growth.frontier(d) for d in range(1, depth)], dim=1)
+            source = k - 1
+        else:
+            nodes = growth.frontier(depth - 1)
+            source = k
+        prev = self._hidden_of_parents(state, growth, scratch, nodes, source)
+        out = self._run_module(state, growth, scratch, k, nodes, prev, trunk_lengths)
+        frontier_out = out[:, -growth.frontier(depth - 1).shape[1]:]
+        return self.model.mtp_logits(k, frontier_out)
+
+    def _hidden_of_parents(self, state, growth, scratch, nodes, source) -> torch.Tensor:
+        """E(parent(u), source) for nodes [B, u]: the stash for root parents, else the scratch outputs."""
+        parents = growth.parents.gather(1, nodes)
+        from_stash = state.stash[source][:, None].expand(-1, nodes.shape[1], -1)
+        if source not in scratch:
+            return from_stash
+        safe_parents = torch.where(parents == 0, scratch[source].nodes[:, :1], parents)
+        from_scratch = scratch[source].output_of(safe_parents)
+        return torch.where((parents == 0)[..., None], from_stash, from_scratch)
+
+    def _run_module(self, state, growth, scratch, k, nodes, prev, trunk_lengths) -> torch.Tensor:
+        """Module k (0-based) on new nodes [B, u]; their entries follow its earlier scratch entries."""
+        old = scratch.get(k)
+        entries = nodes if old is None else torch.cat([old.nodes, nodes], dim=1)  # [B, c]
+        positions = trunk_lengths[:, None] + growth.depths[nodes]  # token positions of the nodes
+        entry_positions = trunk_lengths[:, None] + growth.depths[entries]
+        visible = growth.ancestors(nodes, entries) & (entry_positions >= k + 1)[:, None, :]
+        c, u = entries.shape[1], nodes.shape[1]
+        visible[:, torch.arange(u), torch.arange(c - u, c)] = True
+        plan = AttentionPlan.over_cache(state.cache, positions, visible, start=k + 1)
+        tokens = growth.tokens.gather(1, nodes)
+        out = self.model.forward_mtp(k, prev, tokens, plan)
+        outputs = out if old is None else torch.cat([old.outputs, out], dim=1)
+        scratch[k] = _ModuleScratch(entries, outputs)
+        return out
+
+
+class _TreeGrowth:
+    """The pool of drafted nodes of one step (node 0 is the root), grown level by level."""
+
+    def __init__(self, roots: torch.Tensor, params: DraftParams, sampling: SamplingParams,
+                 generator: torch.Generator | None, vocab_size: int):
+        self.params, self.sampling, self.generator = params, sampling, generator
+        b, device = roots.shape[0], roots.device
+        cap = params.max_nodes + 1
+        self.count = 1
+        self.tokens = torch.zeros(b, cap, dtype=torch.long, device=device)
+        self.tokens[:, 0] = roots
+        self.parents = torch.full((b, cap), -1, dtype=torch.long, device=device)
+        self.depths = torch.zeros(cap, dtype=torch.long, device=device)
+        self.scores = torch.zeros(b, cap, device=device)
+        self.valid = torch.ones(b, cap, dtype=torch.bool, device=device)
+        self.anc = torch.zeros(b, cap, cap, dtype=torch.bool, device=device)
+        self.anc[:, 0, 0] = True
+        self.draft_probs = None if sampling.greedy else torch.zeros(b, cap, vocab_size, device=device)
+        self.level_nodes: dict[int, list[int]] = {0: [0]}
+
+    def ancestors(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[B, u, c]: key node is an ancestor-or-self of query node."""
+        rows = self.anc.gather(1, queries[..., None].expand(-1, -1, self.anc.shape[2]))  # [B, u, cap]
+        return rows.gather(2, keys[:, None, :].expand(-1, queries.shape[1], -1))
+
+    def frontier(self, depth: int) -> torch.Tensor:
+        """[B, w] the nodes of `depth` that get children (static: by shape; dynamic: best w by score)."""
+        level = torch.tensor(self.level_nodes.get(depth, []), dtype=torch.long, device=self.tokens.device)
+        b = self.tokens.shape[0]
+        if self.params.mode == "dynamic":
+            scores = self.scores[:, level]
+            best = scores.topk(min(self.params.topk, level.numel()), dim=1).indices
+            return level[best]
+        shape = self.params.shape
+        with_children = [i for i in level.tolist() if any(shape.parents[c] == i for c in range(shape.num_nodes))]
+        return torch.tensor(with_children, dtype=torch.long, device=self.tokens.device).expand(b, -1)
+
+    def expand(self, depth: int, frontier: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add the children of frontier nodes [B, w] (at `depth`) given their draft logits [B, w, V]."""
+        probs = logits.softmax(dim=-1) if self.sampling.greedy else logits_to_probs(logits, self.sampling)
+        plan = self._child_plan(depth, frontier)  # list of (frontier column, child rank)
+        max_rank = max(rank for _, rank in plan) + 1
+        ranked = self._rank_children(probs, max_rank)  # [B, w, max_rank]
+        if self.draft_probs is not None:
+            self.draft_probs.scatter_(1, frontier[..., None].expand(-1, -1, probs.shape[-1]), probs)
+        new_nodes = []
+        for column, rank in plan:
+            node = self.count
+            parent = frontier[:, column]
+            token = ranked[:, column, rank]
+            q = probs[:, column].gather(1, token[:, None]).squeeze(1)
+            self.tokens[:, node] = token
+            self.parents[:, node] = parent
+            self.depths[node] = depth + 1
+            self.scores[:, node] = self.scores.gather(1, parent[:, None]).squeeze(1) + q.clamp_min(1e-30).log()
+            self.valid[:, node] = q > 0
+            self.anc[:, node] = self.anc.gather(1, parent[:, None, None].expand(-1, 1, self.anc.shape[2])).squeeze(1)
+            self.anc[:, node, node] = True
+            new_nodes.append(node)
+            self.count += 1
+        self.level_nodes[depth + 1] = new_nodes
+
+    def _child_plan(self, depth: int, frontier: torch.Tensor) -> list[tuple[int, int]]:
+        if self.params.mode == "dynamic":
+            return [(col, rank) for col in range(frontier.shape[1]) for rank in range(self.params.topk)]
+        shape = self.params.shape
+        columns = {node: col for col, node in enumerate(frontier[0].tolist())}
+        return [(columns[shape.parents[c]], shape.ranks[c]) for c in range(shape.num_nodes)
+                if shape.depths[c] == depth + 1]
+
+    def _rank_children(self, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """Top-k tokens (greedy) or k draws without replacement via Gumbel-top-k (sampling)."""
+        if self.sampling.greedy:
+            return probs.topk(k, dim=-1).indices
+        uniform = torch.rand(probs.shape, generator=self.generator, device=probs.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return (probs.log() + gumbel).topk(k, dim=-1).indices
+
+    def finish(self) -> DraftTree:
+        """The tree to verify: every node (static), or the best num_draft_tokens nodes (dynamic)."""
+        n = self.count
+        keep = torch.arange(n, device=self.tokens.device).expand(self.tokens.shape[0], n)
+        if self.params.mode == "dynamic" and n - 1 > self.params.num_draft_tokens:
+            keep = self._select_dynamic(n)
+        return self._subtree(keep)
+
+    def _select_dynamic(self, n: int) -> torch.Tensor:
+        """Greedy: the best nodes by cumulative draft probability (ancestor-closed, since a child never
+        beats its parent). Sampling: the first nodes in growth order, which keeps the draws unbiased."""
+        budget = self.params.num_draft_tokens
+        b = self.tokens.shape[0]
+        if not self.sampling.greedy:
+            return torch.arange(budget + 1, device=self.tokens.device).expand(b, -1)
+        by_depth = self.depths[1:n].argsort(stable=True) + 1
+        scores = self.scores[:, by_depth]
+        order = scores.argsort(dim=1, descending=True, stable=True)[:, :budget]
+        chosen = by_depth[order]  # [B, budget]
+        chosen = chosen.sort(dim=1).values
+        root = torch.zeros(b, 1, dtype=torch.long, device=self.tokens.device)
+        return torch.cat([root, chosen], dim=1)
+
+    def _subtree(self, keep: torch.Tensor) -> DraftTree:
+        """Re-index the kept pool nodes [B, n'] (root first, parents before children) as a DraftTree."""
+        b, n = keep.shape
+        depths = self.depths[keep]  # [B, n']
+        order = (depths * (self.count + 1) + keep).argsort(dim=1)
+        keep = keep.gather(1, order)
+        depths = depths.gather(1, order)
+        position_of = torch.full((b, self.count), -1, dtype=torch.long, device=keep.device)
+        position_of.scatter_(1, keep, torch.arange(n, device=keep.device).expand(b, n))
+        parents = self.parents.gather(1, keep)
+        new_parents = torch.where(parents < 0, parents, position_of.gather(1, parents.clamp_min(0)))
+        probs = None
+        if self.draft_probs is not None:
+            probs = self.draft_probs.gather(1, keep[..., None].expand(-1, -1, self.draft_probs.shape[-1]))
+        return DraftTree(tokens=self.tokens.gather(1, keep), parents=new_parents, depths=depths,
+                         draft_probs=probs, valid=self.valid.gather(1, keep))

@@ -1,0 +1,230 @@
+"""The speculative loop: prefill, then draft -> verify -> accept -> commit until every sequence stops.
+
+Plain decoding is the same loop with an empty draft (the tree is the root alone), so the baseline measures
+only what drafting changes. The model never advances a cache; `_commit` is the only place lengths grow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .cache import LatentCache
+from .drafter import Drafter, MTPState, attention_impl, causal_visibility
+from .errors import CacheCapacityError, NoMTPModulesError
+from .model import DeepseekForCausalLM
+from .model.plan import AttentionPlan
+from .params import GenerationRequest
+from .sampling import logits_to_probs, sample
+from .stats import GenerationStats
+from .verify.accept import Acceptance, accept_greedy, accept_sampling
+from .verify.tree import DraftTree
+
+StopChecker = Callable[[int, list[int]], "int | None"]
+"""(sequence index, all tokens generated so far) -> number of tokens to keep if a stop string ended it."""
+
+
+@dataclass
+class StepOutput:
+    """Tokens that one step emitted, per sequence index (only sequences that emitted something)."""
+
+    new_tokens: dict[int, list[int]]
+    finished: list[int]
+
+
+@dataclass
+class _Batch:
+    """Live decoding state of the sequences still running."""
+
+    seq_ids: torch.Tensor  # [B] original index of each live row
+    trunk: LatentCache
+    mtp: MTPState | None
+    pending: torch.Tensor  # [B] last emitted token, not yet in the trunk cache
+    generated: list[list[int]]  # per original index
+    stats: list[GenerationStats]  # per original index
+    done: list[bool] = field(default_factory=list)
+
+
+class Engine:
+    """Runs one generate request over a batch of token-id prompts."""
+
+    def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
+                 stop_checker: StopChecker | None = None):
+        self.model = model
+        self.request = request
+        self.stop_checker = stop_checker
+        seed = request.sampling.seed
+        self.generator = torch.Generator(device=next(model.parameters()).device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.drafting = request.draft.mode != "none"
+        if self.drafting and model.num_mtp == 0:
+            raise NoMTPModulesError(
+                "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or add modules with "
+                "`mtp-runtime train --mtp-only`")
+        self.drafter = Drafter(model, request.draft, request.sampling, self.generator) if self.drafting else None
+
+    def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
+        """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""
+        with torch.inference_mode():
+            start = time.perf_counter()
+            batch = self._prefill(prompts)
+            self.batch, self.stats = batch, batch.stats  # exposed read-only for inspection and tests
+            yield self._emit(batch, batch.pending[:, None], torch.ones_like(batch.pending), start)
+            while batch.seq_ids.numel():
+                step_start = time.perf_counter()
+                accepted, emitted, counts = self._step(batch)
+                yield self._emit(batch, emitted, counts, step_start)
+
+    def _capacity(self, prompts: list[list[int]]) -> int:
+        longest = max(len(p) for p in prompts)
+        limit = self.model.config.max_position_embeddings
+        if longest + self.request.max_new_tokens > limit:
+            raise CacheCapacityError(
+                f"prompt ({longest} tokens) + max_new_tokens ({self.request.max_new_tokens}) exceeds the model's "
+                f"maximum of {limit} positions; shorten the prompt or lower max_new_tokens")
+        return longest + self.request.max_new_tokens + self.request.draft.max_nodes + 2
+
+    def _prefill(self, prompts: list[list[int]]) -> _Batch:
+        """One trunk forward over the right-padded prompts; the first token comes from its last position."""
+        capacity = self._capacity(prompts)
+        device = next(self.model.parameters()).device
+        b, p = len(prompts), max(len(x) for x in prompts)
+        ids = torch.zeros(b, p, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        lens = torch.tensor([len(x) for x in prompts], dtype=torch.long, device=device)
+        cfg = self.model.config
+        dtype = self.model.lm_head.weight.dtype
+        trunk = LatentCache(cfg.num_hidden_layers, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        positions = torch.arange(p, device=device).expand(b, p)
+        plan = AttentionPlan.over_cache(trunk, positions, causal_visibility(b, p, positions, 0),
+                                        impl=attention_impl(p))
+        hidden = self.model.forward_trunk(ids, plan)
+        rows = torch.arange(b, device=device)
+        first = self._pick(self.model.logits(hidden[rows, lens - 1]))
+        trunk.commit(torch.arange(p, device=device).expand(b, p), lens)
+        mtp = None
+        if self.drafting:
+            next_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+            next_tokens[rows, lens - 1] = first
+            mtp = self.drafter.prefill(hidden, next_tokens, lens, capacity + 1)
+        stats = [GenerationStats() for _ in prompts]
+        for s in stats:
+            s.record_step(drafted=0, tree_depth=0, accepted=0, leaf_reached=True)
+        return _Batch(seq_ids=rows.clone(), trunk=trunk, mtp=mtp, pending=first,
+                      generated=[[] for _ in prompts], stats=stats, done=[False] * b)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token from target logits [B, V] (argmax, or a sample)."""
+        if self.request.sampling.greedy:
+            return logits.argmax(dim=-1)
+        return sample(logits_to_probs(logits, self.request.sampling), self.generator)
+
+    def _step(self, batch: _Batch):
+        """Draft, verify (one trunk forward over the whole tree), accept, commit."""
+        t0 = time.perf_counter()
+        tree = self._draft(batch)
+        t1 = time.perf_counter()
+        hidden, logits = self._verify(batch, tree)
+        acceptance = self._accept(tree, logits)
+        t2 = time.perf_counter()
+        emitted, counts = self._commit(batch, tree, hidden, acceptance)
+        t3 = time.perf_counter()
+        self._record(batch, tree, acceptance, (t1 - t0, t2 - t1, t3 - t2))
+        return acceptance, emitted, counts
+
+    def _draft(self, batch: _Batch) -> DraftTree:
+        if not self.drafting:
+            b = batch.pending.shape[0]
+            zeros = torch.zeros(b, 1, dtype=torch.long, device=batch.pending.device)
+            return DraftTree(tokens=batch.pending[:, None], parents=zeros - 1, depths=zeros)
+        return self.drafter.draft(batch.mtp, batch.pending, batch.trunk.lengths)
+
+    def _verify(self, batch: _Batch, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk forward over all n tree nodes at positions L + depth, each seeing the prefix and its ancestors."""
+        positions = batch.trunk.lengths[:, None] + tree.depths
+        plan = AttentionPlan.over_cache(batch.trunk, positions, tree.ancestor_mask())
+        hidden = self.model.forward_trunk(tree.tokens, plan)
+        return hidden, self.model.logits(hidden)
+
+    def _accept(self, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+        if self.request.sampling.greedy:
+            return accept_greedy(tree, logits.argmax(dim=-1))
+        return accept_sampling(tree, logits_to_probs(logits, self.request.sampling), self.generator)
+
+    def _commit(self, batch: _Batch, tree: DraftTree, hidden: torch.Tensor, acceptance: Acceptance):
+        """Keep the accepted path's cache entries; the bonus token becomes the next pending token."""
+        counts = acceptance.num_accepted + 1  # root + accepted drafts enter the trunk cache
+        path = acceptance.path.clamp_min(0)
+        batch.trunk.commit(path, counts)
+        m = int(counts.max())
+        path_tokens = tree.tokens.gather(1, path)
+        emitted = torch.cat([path_tokens[:, 1:], acceptance.bonus[:, None]], dim=1)[:, :m]  # [B, m]
+        rows = torch.arange(emitted.shape[0], device=emitted.device)
+        emitted[rows, counts - 1] = acceptance.bonus
+        if self.drafting:
+            path_hidden = hidden.gather(1, path[:, :m, None].expand(-1, -1, hidden.shape[-1]))
+            self.drafter.commit(batch.mtp, path_hidden, emitted, counts)
+        batch.pending = acceptance.bonus
+        return emitted, counts
+
+    def _record(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance, times) -> None:
+        drafted = tree.tokens.shape[1] - 1
+        depth = int(tree.depths.max()) if drafted else 0
+        last = acceptance.path.gather(1, acceptance.num_accepted[:, None]).squeeze(1)
+        nodes = torch.arange(tree.parents.shape[1], device=tree.parents.device)
+        has_child = (tree.parents[:, :, None] == nodes).any(dim=1)  # [B, n]
+        leaf = ~has_child.gather(1, last[:, None]).squeeze(1)
+        for row, seq in enumerate(batch.seq_ids.tolist()):
+            stats = batch.stats[seq]
+            stats.record_step(drafted, depth, int(acceptance.num_accepted[row]), bool(leaf[row]))
+            stats.time_draft += times[0]
+            stats.time_verify += times[1]
+            stats.time_commit += times[2]
+
+    def _emit(self, batch: _Batch, emitted: torch.Tensor, counts: torch.Tensor, start: float) -> StepOutput:
+        """Apply stop conditions to this step's tokens, drop finished rows, and report what was emitted."""
+        out, finished, keep = {}, [], []
+        eos = set(self.request.eos_token_ids)
+        for row, seq in enumerate(batch.seq_ids.tolist()):
+            tokens = emitted[row, : int(counts[row])].tolist()
+            tokens, stop = self._cut(batch.generated[seq], tokens, eos, seq)
+            batch.generated[seq].extend(tokens)
+            stats = batch.stats[seq]
+            stats.new_tokens += len(tokens)
+            stats.time_total += time.perf_counter() - start
+            if tokens:
+                out[seq] = tokens
+            if stop:
+                finished.append(seq)
+            else:
+                keep.append(row)
+        if finished:
+            self._drop_finished(batch, keep)
+        return StepOutput(out, finished)
+
+    def _cut(self, before: list[int], tokens: list[int], eos: set[int], seq: int) -> tuple[list[int], bool]:
+        """Tokens kept from this step and whether the sequence stops (eos, max_new_tokens, stop string)."""
+        room = self.request.max_new_tokens - len(before)
+        stop = len(tokens) >= room
+        tokens = tokens[:room]
+        for i, token in enumerate(tokens):
+            if token in eos:
+                tokens, stop = tokens[: i + 1], True
+                break
+        if self.stop_checker is not None:
+            keep = self.stop_checker(seq, before + tokens)
+            if keep is not None:
+                tokens, stop = (before + tokens)[len(before): keep], True
+        return tokens, stop
+
+    def _drop_finished(self, batch: _Batch, keep: list[int]) -> None:
+        rows = torch.tensor(keep, dtype=torch.long, device=batch.pending.device)
+        batch.seq_ids = batch.seq_ids[rows]
+        batch.pending = batch.pending[rows]
+        batch.trunk.keep_rows(rows)
+        if batch.mtp is not None:
+            batch.mtp.keep_rows(rows)

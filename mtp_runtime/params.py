@@ -1,0 +1,94 @@
+"""Run-time knobs of one generate call (draft shape, lengths, stops), separate from the architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import GenerationSettingsError
+from .sampling import SamplingParams
+from .verify.tree import StaticTreeShape, parse_tree_spec, tree_from_branching
+
+DRAFT_MODES = ("none", "chain", "tree", "dynamic")
+MAX_DRAFT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class DraftParams:
+    """How the MTP modules draft each step."""
+
+    mode: str = "dynamic"
+    """none (plain decoding), chain, tree (static shape) or dynamic (EAGLE-2 style growth)."""
+    num_draft_tokens: int = 8
+    """chain: tokens per step (= depth); dynamic: nodes kept per step; tree: ignored (the shape decides)."""
+    tree: StaticTreeShape | None = None
+    """Static tree shape (mode 'tree')."""
+    depth: int = 4
+    """dynamic: maximum depth."""
+    topk: int = 4
+    """dynamic: children per expanded node, and nodes expanded per depth."""
+
+    @classmethod
+    def build(cls, mode: str, num_draft_tokens: int | None = None, tree=None, depth: int | None = None,
+              topk: int | None = None) -> "DraftParams":
+        """Validated params from user-facing arguments (tree: a spec string, list, or StaticTreeShape)."""
+        if mode not in DRAFT_MODES:
+            raise GenerationSettingsError(f"unknown draft mode {mode!r}; use one of {', '.join(DRAFT_MODES)}")
+        defaults = cls()
+        n = defaults.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        if mode == "chain" and num_draft_tokens is None:
+            n = 3
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_TOKENS:
+            raise GenerationSettingsError(
+                f"num_draft_tokens={n!r} is out of range; use an integer in 1..{MAX_DRAFT_TOKENS}")
+        shape = None
+        if mode == "tree":
+            shape = tree if isinstance(tree, StaticTreeShape) else parse_tree_spec(tree if tree is not None else "3,2,1")
+        elif tree is not None:
+            raise GenerationSettingsError(f"a tree shape was given but draft={mode!r}; use draft='tree'")
+        depth = defaults.depth if depth is None else depth
+        topk = defaults.topk if topk is None else topk
+        for name, value in (("depth", depth), ("topk", topk)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+                raise GenerationSettingsError(f"{name}={value!r} is out of range; use an integer in 1..16")
+        return cls(mode=mode, num_draft_tokens=n, tree=shape, depth=depth, topk=topk)
+
+    @property
+    def shape(self) -> StaticTreeShape | None:
+        """The static shape drafted each step (chain = width-one tree); None for dynamic and none."""
+        if self.mode == "chain":
+            return tree_from_branching([1] * self.num_draft_tokens)
+        return self.tree if self.mode == "tree" else None
+
+    @property
+    def max_nodes(self) -> int:
+        """Upper bound on drafted nodes per step (sizes the scratch region of the caches)."""
+        if self.mode == "none":
+            return 0
+        if self.mode == "dynamic":
+            return self.topk + (self.depth - 1) * self.topk * self.topk
+        return self.shape.num_nodes - 1
+
+    @property
+    def max_depth(self) -> int:
+        if self.mode == "none":
+            return 0
+        return self.depth if self.mode == "dynamic" else self.shape.max_depth
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one generate call asks for, validated."""
+
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    draft: DraftParams = field(default_factory=DraftParams)
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise GenerationSettingsError(
+                f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        self.sampling.validate()
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise GenerationSettingsError("stop strings must be non-empty strings")

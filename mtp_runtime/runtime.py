@@ -1,0 +1,235 @@
+"""Runtime: a loaded checkpoint (model, config, tokenizer) and the generate() entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import CheckpointFiles, load_state_dict, weight_block_size
+from .config import ModelConfig
+from .engine import Engine
+from .errors import DeviceError, GenerationSettingsError, TokenizerError
+from .model import DeepseekForCausalLM
+from .model.plan import AttentionPlan
+from .params import DraftParams, GenerationRequest
+from .sampling import SamplingParams
+from .stats import GenerationStats
+from .text import StopStrings, TextStream, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    """One sequence's output: new tokens only, their text, and the acceptance statistics."""
+
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    """'length' (max_new_tokens), 'eos', or 'stop' (a stop string)."""
+
+
+@dataclass
+class StreamChunk:
+    """What one step added to sequence `index`."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+class GenerationStream:
+    """Iterate to receive chunks as tokens are accepted; `results` is filled once iteration ends."""
+
+    def __init__(self, chunks: Iterator[StreamChunk], results: list[GenerationResult]):
+        self._chunks = chunks
+        self.results = results
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        return self._chunks
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+class Runtime:
+    """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
+
+    def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None):
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device=None, dtype=None) -> "Runtime":
+        """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json."""
+        path = Path(path)
+        config = ModelConfig.from_file(path / "config.json") if path.is_dir() else ModelConfig.from_file(path)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        files = CheckpointFiles(path)
+        n = config.num_hidden_layers
+        num_mtp = files.mtp_layer_count(n)
+        with torch.device("meta"):
+            model = DeepseekForCausalLM(
+                config, num_mtp,
+                mtp_own_head=num_mtp > 0 and files.has_our_name("mtp.0.shared_head.head.weight", n),
+                mtp_own_embedding=num_mtp > 0 and files.has_our_name("mtp.0.embed_tokens.weight", n))
+        expected = {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
+        raw_config = _raw_config(path)
+        state = load_state_dict(files, expected, n, dtype=dtype, device=device,
+                                tie_word_embeddings=config.tie_word_embeddings,
+                                block_size=weight_block_size(raw_config))
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary.to(device)
+        return cls(model, load_tokenizer(path), path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def num_mtp_modules(self) -> int:
+        return self.model.num_mtp
+
+    def cache_bytes_per_token(self) -> int:
+        """Latent cache bytes per token of the trunk in this runtime's dtype."""
+        return self.config.latent_cache_bytes_per_token(self.model.lm_head.weight.element_size())
+
+    def logits(self, input_ids) -> torch.Tensor:
+        """Trunk logits [B, T, vocab] (float32) of full sequences, without a cache."""
+        ids = _as_batch(input_ids).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model.forward_trunk(ids, AttentionPlan.causal(*ids.shape, device=self.device))
+            return self.model.logits(hidden)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "a text prompt needs a tokenizer, but this model folder has no tokenizer.json; pass input_ids")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, prompt: str | Sequence[str] | None = None, *, input_ids=None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 draft: str | None = None, num_draft_tokens: int | None = None, tree=None,
+                 depth: int | None = None, topk: int | None = None, eos_token_id=None, ignore_eos: bool = False,
+                 stop: str | Sequence[str] | None = None, stream: bool = False):
+        """Generate from one prompt (a str, or input_ids list) or a batch (a list of either).
+
+        draft: 'dynamic' | 'tree' | 'chain' | 'none'; None picks 'dynamic' when the checkpoint has MTP modules,
+        else 'none'. Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
+        """
+        prompts, batched = self._prompts(prompt, input_ids)
+        if draft is None:
+            draft = "dynamic" if self.num_mtp_modules else "none"
+        request = GenerationRequest(
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            draft=DraftParams.build(draft, num_draft_tokens, tree, depth, topk),
+            eos_token_ids=() if ignore_eos else self._eos_ids(eos_token_id),
+            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop or ()))
+        request.validate()
+        if request.stop_strings and self.tokenizer is None:
+            raise TokenizerError("stop strings need a tokenizer, but this model folder has no tokenizer.json")
+        results: list[GenerationResult] = []
+        chunks = self._run(prompts, request, results)
+        if stream:
+            return GenerationStream(chunks, results)
+        for _ in chunks:
+            pass
+        return results if batched else results[0]
+
+    def _run(self, prompts: list[list[int]], request: GenerationRequest,
+             results: list[GenerationResult]) -> Iterator[StreamChunk]:
+        """The one loop behind both streaming and non-streaming generation."""
+        texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
+        stops = StopStrings(texts) if request.stop_strings else None
+        engine = Engine(self.model, request, stops)
+        finish = ["length"] * len(prompts)
+        generated: list[list[int]] = [[] for _ in prompts]
+        for step in engine.run(prompts):
+            for seq, tokens in step.new_tokens.items():
+                generated[seq].extend(tokens)
+                yield StreamChunk(seq, tokens, texts[seq].push(generated[seq]))
+            for seq in step.finished:
+                finish[seq] = self._finish_reason(generated[seq], texts[seq], request)
+        for seq, prompt in enumerate(prompts):
+            text = texts[seq].final(generated[seq]) if self.tokenizer is not None else None
+            if text and len(text) > texts[seq].released:
+                yield StreamChunk(seq, [], text[texts[seq].released:])
+            results.append(GenerationResult(generated[seq], text, engine.stats[seq], prompt, finish[seq]))
+
+    @staticmethod
+    def _finish_reason(tokens: list[int], text: TextStream, request: GenerationRequest) -> str:
+        if text.stopped:
+            return "stop"
+        if tokens and tokens[-1] in request.eos_token_ids:
+            return "eos"
+        return "length"
+
+    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
+        if eos_token_id is not None:
+            return tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def _prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise GenerationSettingsError("pass exactly one of prompt (text) or input_ids")
+        if prompt is not None:
+            batched = not isinstance(prompt, str)
+            texts = list(prompt) if batched else [prompt]
+            if not texts or any(not isinstance(t, str) or not t for t in texts):
+                raise GenerationSettingsError("prompt is empty; give some text (or input_ids)")
+            prompts = [self.encode(t) for t in texts]
+        else:
+            if isinstance(input_ids, torch.Tensor):
+                input_ids = input_ids.tolist()
+            batched = bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+            prompts = [list(p) for p in input_ids] if batched else [list(input_ids)]
+        vocab = self.config.vocab_size
+        for p in prompts:
+            if not p:
+                raise GenerationSettingsError("prompt is empty (no tokens); give at least one token")
+            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise GenerationSettingsError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        return prompts, batched
+
+
+def _as_batch(input_ids) -> torch.Tensor:
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.long)
+    return ids[None] if ids.dim() == 1 else ids
+
+
+def _raw_config(path: Path) -> dict:
+    import json
+
+    return json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else {}

@@ -1,0 +1,1 @@
+"""Training the small default model and MTP modules (the `mtp-runtime train` command)."""

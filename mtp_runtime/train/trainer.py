@@ -1,0 +1,294 @@
+"""The training loop: data windows, AdamW with warmup + cosine decay, aux-loss-free expert balancing,
+periodic held-out evaluation, resumable checkpoints, and export as an HF DeepSeek-V3 folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..config import ModelConfig
+from ..errors import MTPRuntimeError
+from ..model import DeepseekForCausalLM
+from ..model.moe import Gate
+from . import corpus
+from .objectives import window_losses
+
+
+def default_architecture(vocab_size: int, num_mtp: int = 3) -> dict:
+    """The shipped model's shape: DeepSeek-V3 in miniature (MLA with q/kv compression, one dense layer,
+    sigmoid-gated MoE with a shared expert, D MTP modules)."""
+    return {
+        "model_type": "deepseek_v3", "vocab_size": vocab_size, "hidden_size": 192, "intermediate_size": 512,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 64, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "n_shared_experts": 1,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 2, "topk_group": 2, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
+        "num_nextn_predict_layers": num_mtp, "hidden_act": "silu", "attention_bias": False,
+    }
+
+
+@dataclass
+class TrainSettings:
+    """Run-time knobs of one training run."""
+
+    out_dir: Path
+    corpus: list[Path] = field(default_factory=list)
+    """Files/folders of text; empty = the standard library's Python sources."""
+    held_out_percent: int = 5
+    vocab_size: int = 2048
+    num_mtp: int = 3
+    context: int = 256
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    mtp_weight: float = 0.3
+    """lambda: weight of the mean MTP loss (V3 used 0.3, then 0.1)."""
+    mtp_weight_late: float | None = 0.1
+    """lambda after 70% of the steps (None keeps mtp_weight)."""
+    mtp_only: bool = False
+    init: Path | None = None
+    """An existing checkpoint folder: the frozen trunk for --mtp-only."""
+    distill: bool = False
+    eval_every: int = 200
+    eval_windows: int = 64
+    save_every: int = 100
+    seed: int = 0
+    max_minutes: float | None = None
+    bias_update_speed: float = 1e-3
+    save_dtype: str = "bfloat16"
+
+
+class ExpertLoad:
+    """Counts tokens per expert through forward hooks on the gates, for the aux-loss-free bias update."""
+
+    def __init__(self, model: DeepseekForCausalLM):
+        self.gates = [m for m in model.modules() if isinstance(m, Gate) and hasattr(m, "e_score_correction_bias")]
+        self.counts = {id(g): torch.zeros(g.weight.shape[0]) for g in self.gates}
+        self.handles = [g.register_forward_hook(self._record) for g in self.gates]
+
+    def _record(self, gate, inputs, output) -> None:
+        ids = output[1].detach().flatten().cpu()
+        self.counts[id(gate)] += torch.bincount(ids, minlength=gate.weight.shape[0]).float()
+
+    @torch.no_grad()
+    def update_biases(self, speed: float) -> None:
+        """bias += speed * sign(mean load - load): underloaded experts become more likely (V3 report)."""
+        for gate in self.gates:
+            load = self.counts[id(gate)]
+            if load.sum() > 0:
+                gate.e_score_correction_bias += speed * torch.sign(load.mean() - load).to(gate.weight.device)
+            load.zero_()
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings):
+        self.s = settings
+        self.out = Path(settings.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(settings.seed)
+        self.tokenizer, self.train_ids, self.held_ids = self._prepare_data()
+        self.model, self.raw_config = self._build_model()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr, betas=(0.9, 0.95))
+        self.load = ExpertLoad(self.model)
+        self.step, self.history = 0, []
+        self._resume()
+
+    def _prepare_data(self):
+        """Tokenizer (trained once, or the --init checkpoint's) and token arrays for both splits."""
+        data_dir = self.out / "data"
+        data_dir.mkdir(exist_ok=True)
+        roots = [Path(p) for p in self.s.corpus] or corpus.default_corpus_roots()
+        files = corpus.list_files(roots)
+        split = corpus.split_files(files, roots, self.s.held_out_percent)
+        if not split.train or not split.held_out:
+            raise MTPRuntimeError("the corpus is too small to hold out whole files; add more files")
+        tok_file = self.out / "tokenizer.json"
+        from tokenizers import Tokenizer
+
+        if self.s.init is not None and (Path(self.s.init) / "tokenizer.json").is_file() and not tok_file.is_file():
+            shutil.copy(Path(self.s.init) / "tokenizer.json", tok_file)
+            corpus.write_tokenizer_config(self.out)
+        tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else corpus.train_tokenizer(
+            split.train, self.s.vocab_size, tok_file)
+        arrays = []
+        for name, part in (("train", split.train), ("held_out", split.held_out)):
+            path = data_dir / f"{name}.npy"
+            if not path.is_file():
+                np.save(path, corpus.encode_files(tokenizer, part))
+            arrays.append(np.load(path))
+        (data_dir / "held_out_files.txt").write_text("\n".join(map(str, split.held_out)) + "\n", encoding="utf-8")
+        return tokenizer, arrays[0], arrays[1]
+
+    def _build_model(self):
+        if self.s.mtp_only:
+            return self._build_mtp_only()
+        raw = default_architecture(self.tokenizer.get_vocab_size(), self.s.num_mtp)
+        raw["eos_token_id"] = raw["bos_token_id"] = self.tokenizer.token_to_id(corpus.EOS)
+        model = DeepseekForCausalLM(ModelConfig.from_dict(raw), num_mtp=self.s.num_mtp)
+        init_weights(model)
+        return model, raw
+
+    def _build_mtp_only(self):
+        """Frozen trunk from --init; fresh MTP modules on top of it."""
+        if self.s.init is None:
+            raise MTPRuntimeError("--mtp-only needs --init FOLDER: the checkpoint whose trunk gets MTP modules")
+        from ..runtime import Runtime
+
+        base = Runtime.from_folder(self.s.init, device="cpu", dtype="float32")
+        raw = json.loads((Path(self.s.init) / "config.json").read_text(encoding="utf-8"))
+        raw["num_nextn_predict_layers"] = self.s.num_mtp
+        model = DeepseekForCausalLM(ModelConfig.from_dict(raw), num_mtp=self.s.num_mtp)
+        init_weights(model)
+        trunk = {k: v for k, v in base.model.state_dict().items() if not k.startswith("mtp.")}
+        model.load_state_dict(trunk, strict=False)
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("mtp.")
+        return model, raw
+
+    def _resume(self) -> None:
+        state_file = self.out / "train_state.pt"
+        if not state_file.is_file():
+            return
+        state = torch.load(state_file, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+
+    def _save_state(self) -> None:
+        tmp = self.out / "train_state.pt.tmp"
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "history": self.history, "settings": _jsonable(asdict(self.s))}, tmp)
+        tmp.replace(self.out / "train_state.pt")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.s.warmup:
+            return self.s.lr * (step + 1) / self.s.warmup
+        progress = (step - self.s.warmup) / max(1, self.s.steps - self.s.warmup)
+        return self.s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def mtp_weight_at(self, step: int) -> float:
+        late = self.s.mtp_weight_late
+        return late if late is not None and step >= 0.7 * self.s.steps else self.s.mtp_weight
+
+    def windows(self, ids: np.ndarray, count: int, rng: np.random.Generator) -> torch.Tensor:
+        """count random windows of context + D + 1 tokens."""
+        length = self.s.context + self.s.num_mtp + 1
+        starts = rng.integers(0, len(ids) - length, size=count)
+        return torch.from_numpy(np.stack([ids[i: i + length].astype(np.int64) for i in starts]))
+
+    def train(self) -> Path:
+        """Run until `steps` (or max_minutes), evaluating and checkpointing; then export the HF folder."""
+        start = time.time()
+        bar = tqdm(total=self.s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        tokens_per_step = self.s.batch_size * self.s.context
+        while self.step < self.s.steps:
+            t0 = time.time()
+            metrics = self._train_step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['trunk']:.3f}", mtp=f"{metrics['mtp']:.3f}",
+                            acc1=f"{metrics['acc'][0]:.2f}", tok_s=f"{tokens_per_step / (time.time() - t0):.0f}")
+            if self.step % self.s.eval_every == 0 or self.step == self.s.steps:
+                self._evaluate(time.time() - start)
+            if self.step % self.s.save_every == 0:
+                self._save_state()
+            if self.s.max_minutes is not None and time.time() - start > 60 * self.s.max_minutes:
+                bar.write(f"stopping at step {self.step}: --max-minutes {self.s.max_minutes} reached")
+                self._evaluate(time.time() - start)
+                break
+        bar.close()
+        self._save_state()
+        return self.export()
+
+    def _train_step(self) -> dict:
+        self.model.train()
+        rng = np.random.default_rng([self.s.seed, self.step])
+        batch = self.windows(self.train_ids, self.s.batch_size, rng)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        losses = window_losses(self.model, batch, self.s.context, self.s.distill, not self.s.mtp_only)
+        loss = losses.total(self.mtp_weight_at(self.step), train_trunk=not self.s.mtp_only)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.load.update_biases(self.s.bias_update_speed)
+        return {"trunk": losses.trunk.item(), "mtp": float(torch.stack(losses.mtp).mean().detach()),
+                "acc": [float(a) for a in losses.mtp_accuracy]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out next-token loss, perplexity, and per-module MTP loss / top-1 agreement (fixed windows)."""
+        self.model.eval()
+        batch = self.windows(self.held_ids, self.s.eval_windows, np.random.default_rng(12345))
+        parts = [window_losses(self.model, chunk, self.s.context, self.s.distill) for chunk in batch.split(16)]
+        trunk = float(np.mean([p.trunk.item() for p in parts]))
+        mtp = np.mean([[m.item() for m in p.mtp] for p in parts], axis=0).tolist()
+        acc = np.mean([[a.item() for a in p.mtp_accuracy] for p in parts], axis=0).tolist()
+        for handle_counts in self.load.counts.values():
+            handle_counts.zero_()
+        return {"held_out_loss": trunk, "perplexity": math.exp(trunk), "mtp_loss": mtp, "mtp_top1": acc}
+
+    def _evaluate(self, elapsed: float) -> None:
+        result = {"step": self.step, "elapsed_s": round(elapsed, 1), **self.evaluate()}
+        self.history.append(result)
+        with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(result) + "\n")
+        tqdm.write(f"step {self.step}: held-out loss {result['held_out_loss']:.3f} (ppl {result['perplexity']:.1f}), "
+                   f"MTP top-1 {', '.join(f'{a:.2f}' for a in result['mtp_top1'])}")
+
+    def export(self) -> Path:
+        """Write the HF DeepSeek-V3 folder: config.json, model.safetensors (MTP at layers N..N+D-1), tokenizer."""
+        folder = self.out / "model"
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.s.save_dtype]
+        state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
+                 for k, v in self.model.state_dict().items()}
+        config = ModelConfig.from_dict(self.raw_config).to_hf_dict()
+        config["torch_dtype"] = self.s.save_dtype
+        save_checkpoint(folder, config, state, config["num_hidden_layers"])
+        shutil.copy(self.out / "tokenizer.json", folder / "tokenizer.json")
+        corpus.write_tokenizer_config(folder)
+        (folder / "training.json").write_text(json.dumps(
+            {"settings": _jsonable(asdict(self.s)), "history": self.history}, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+
+def init_weights(model: DeepseekForCausalLM, std: float = 0.02) -> None:
+    """Normal(0, std) for matrices and embeddings, ones for norms, zeros for the gate bias."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.zero_()
+    model.rotary.to("cpu")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
