@@ -358,6 +358,8 @@ class _Planner:
     def _check_scale(self, raw: str) -> None:
         scale = raw + SCALE_SUFFIX
         if scale not in self.names:
+            if self.files.entry(raw).dtype.startswith("F8"):
+                self.problems.add("missing", f"{scale} (block scales of the FP8 weight {raw})")
             return
         shape, found = self.files.entry(raw).shape, self.files.entry(scale)
         if len(shape) < 2:

@@ -80,7 +80,8 @@ class Drafter:
 
     @property
     def num_modules(self) -> int:
-        return self.model.num_mtp
+        """Modules in use: module j drafts depth j, so a draft shallower than D never needs the deeper ones."""
+        return min(self.model.num_mtp, self.draft_params.max_depth)
 
     def prefill(self, trunk_hidden: torch.Tensor, next_tokens: torch.Tensor, prompt_lens: torch.Tensor,
                 capacity: int) -> MTPState:
