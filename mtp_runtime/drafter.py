@@ -197,6 +197,7 @@ class _TreeGrowth:
         self.anc[:, 0, 0] = True
         self.draft_probs = None if sampling.greedy else torch.zeros(b, cap, vocab_size, device=device)
         self.level_nodes: dict[int, list[int]] = {0: [0]}
+        self.static_parents = set(params.shape.parents) if params.shape is not None else set()
 
     def ancestors(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[B, u, c]: key node is an ancestor-or-self of query node."""
@@ -211,8 +212,7 @@ class _TreeGrowth:
             scores = self.scores[:, level]
             best = scores.topk(min(self.params.topk, level.numel()), dim=1).indices
             return level[best]
-        shape = self.params.shape
-        with_children = [i for i in level.tolist() if any(shape.parents[c] == i for c in range(shape.num_nodes))]
+        with_children = [i for i in level.tolist() if i in self.static_parents]
         return torch.tensor(with_children, dtype=torch.long, device=self.tokens.device).expand(b, -1)
 
     def expand(self, depth: int, frontier: torch.Tensor, logits: torch.Tensor) -> None:

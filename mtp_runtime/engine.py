@@ -20,7 +20,7 @@ from .model.plan import AttentionPlan
 from .params import GenerationRequest
 from .sampling import logits_to_probs, sample
 from .stats import GenerationStats
-from .verify.accept import Acceptance, accept_greedy, accept_sampling
+from .verify.accept import Acceptance, accept_greedy, accept_sampling, accept_typical
 from .verify.tree import DraftTree
 
 StopChecker = Callable[[int, list[int]], "int | None"]
@@ -151,9 +151,13 @@ class Engine:
         return hidden, self.model.logits(hidden)
 
     def _accept(self, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
-        if self.request.sampling.greedy:
+        request = self.request
+        if request.sampling.greedy:
             return accept_greedy(tree, logits.argmax(dim=-1))
-        return accept_sampling(tree, logits_to_probs(logits, self.request.sampling), self.generator)
+        probs = logits_to_probs(logits, request.sampling)
+        if request.acceptance == "typical":
+            return accept_typical(tree, probs, request.typical_threshold, request.typical_alpha, self.generator)
+        return accept_sampling(tree, probs, self.generator)
 
     def _commit(self, batch: _Batch, tree: DraftTree, hidden: torch.Tensor, acceptance: Acceptance):
         """Keep the accepted path's cache entries; the bonus token becomes the next pending token."""

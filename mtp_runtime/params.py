@@ -84,11 +84,19 @@ class GenerationRequest:
     draft: DraftParams = field(default_factory=DraftParams)
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    acceptance: str = "exact"
+    """'exact' (lossless) or 'typical' (Medusa's LOSSY typical acceptance; needs temperature > 0)."""
+    typical_threshold: float = 0.09
+    typical_alpha: float = 0.3
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise GenerationSettingsError(
                 f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
         self.sampling.validate()
+        if self.acceptance not in ("exact", "typical"):
+            raise GenerationSettingsError(f"acceptance={self.acceptance!r}; use 'exact' or 'typical' (lossy)")
+        if self.acceptance == "typical" and self.sampling.greedy:
+            raise GenerationSettingsError("typical acceptance needs temperature > 0; greedy decoding is always exact")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise GenerationSettingsError("stop strings must be non-empty strings")

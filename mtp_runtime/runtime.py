@@ -138,11 +138,12 @@ class Runtime:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  draft: str | None = None, num_draft_tokens: int | None = None, tree=None,
                  depth: int | None = None, topk: int | None = None, eos_token_id=None, ignore_eos: bool = False,
-                 stop: str | Sequence[str] | None = None, stream: bool = False):
+                 stop: str | Sequence[str] | None = None, acceptance: str = "exact", stream: bool = False):
         """Generate from one prompt (a str, or input_ids list) or a batch (a list of either).
 
         draft: 'dynamic' | 'tree' | 'chain' | 'none'; None picks 'dynamic' when the checkpoint has MTP modules,
-        else 'none'. Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
+        else 'none'. acceptance: 'exact' (lossless) or 'typical' (Medusa's typical acceptance: LOSSY, faster,
+        sampling only). Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
         """
         prompts, batched = self._prompts(prompt, input_ids)
         if draft is None:
@@ -152,7 +153,7 @@ class Runtime:
             sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
             draft=DraftParams.build(draft, num_draft_tokens, tree, depth, topk),
             eos_token_ids=() if ignore_eos else self._eos_ids(eos_token_id),
-            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop or ()))
+            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop or ()), acceptance=acceptance)
         request.validate()
         if request.stop_strings and self.tokenizer is None:
             raise TokenizerError("stop strings need a tokenizer, but this model folder has no tokenizer.json")

@@ -39,9 +39,12 @@ def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> Acceptance:
 def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,
                     generator: torch.Generator | None = None) -> Acceptance:
     """Lossless recursive rejection sampling; the children of a node are draws from q without replacement, in order."""
+    batch, n = tree.tokens.shape
+    if n == 1:  # nothing drafted (plain decoding): the bonus is a plain sample from the target
+        return _acceptance(tree, torch.zeros(batch, dtype=torch.long, device=tree.tokens.device),
+                           sample(target_probs[:, 0].float(), generator))
     if tree.draft_probs is None:
         raise ValueError("accept_sampling needs tree.draft_probs, the distributions the children were drawn from")
-    batch, n = tree.tokens.shape
     rows = torch.arange(batch, device=tree.tokens.device)
     valid = _valid(tree)
     node = torch.zeros(batch, dtype=torch.long, device=tree.tokens.device)  # [B] current node u
