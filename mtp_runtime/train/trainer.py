@@ -70,6 +70,8 @@ class TrainSettings:
     max_minutes: float | None = None
     bias_update_speed: float = 1e-3
     save_dtype: str = "bfloat16"
+    arch_overrides: dict = field(default_factory=dict)
+    """config.json fields replacing default_architecture()'s (e.g. {"hidden_size": 64})."""
 
 
 class ExpertLoad:
@@ -141,7 +143,7 @@ class Trainer:
     def _build_model(self):
         if self.s.mtp_only:
             return self._build_mtp_only()
-        raw = default_architecture(self.tokenizer.get_vocab_size(), self.s.num_mtp)
+        raw = {**default_architecture(self.tokenizer.get_vocab_size(), self.s.num_mtp), **self.s.arch_overrides}
         raw["eos_token_id"] = raw["bos_token_id"] = self.tokenizer.token_to_id(corpus.EOS)
         model = DeepseekForCausalLM(ModelConfig.from_dict(raw), num_mtp=self.s.num_mtp)
         init_weights(model)

@@ -1,0 +1,146 @@
+"""The train command: a micro run learns, exports a loadable HF folder, resumes; the tokenizer round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mtp_runtime
+from mtp_runtime.train import corpus
+from mtp_runtime.train.trainer import Trainer, TrainSettings
+
+TINY_ARCH = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+    "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+    "n_group": 2, "topk_group": 1, "max_position_embeddings": 256,
+}
+
+
+def write_corpus(folder):
+    """Twenty small, repetitive Python files: easy to learn in a few steps."""
+    folder.mkdir(exist_ok=True)
+    for i in range(20):
+        lines = [f"def function_{i}_{j}(value):\n    return value + {j}\n\n" for j in range(30)]
+        (folder / f"module_{i:02d}.py").write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def micro_settings(tmp_path, **overrides) -> TrainSettings:
+    base = dict(out_dir=tmp_path / "run", corpus=[write_corpus(tmp_path / "corpus")], held_out_percent=30,
+                vocab_size=300, num_mtp=2, context=32, batch_size=4, steps=30, lr=1e-2, warmup=3, eval_every=10,
+                eval_windows=8, save_every=10, arch_overrides=TINY_ARCH)
+    base.update(overrides)
+    return TrainSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp_path = tmp_path_factory.mktemp("train")
+    trainer = Trainer(micro_settings(tmp_path))
+    folder = trainer.train()
+    return trainer, folder
+
+
+def test_micro_run_reduces_held_out_loss(micro_run):
+    trainer, _ = micro_run
+    history = trainer.history
+    assert history[0]["step"] == 10 and history[-1]["step"] == 30
+    assert history[-1]["held_out_loss"] < history[0]["held_out_loss"] - 0.5
+    assert all(len(h["mtp_top1"]) == 2 for h in history)
+
+
+def test_export_is_an_hf_deepseek_v3_folder(micro_run):
+    _, folder = micro_run
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 2
+    rt = mtp_runtime.load(folder)
+    assert rt.num_mtp_modules == 2 and rt.tokenizer is not None
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.2.eh_proj.weight" in names and "model.layers.3.enorm.weight" in names
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in names
+
+
+def test_transformers_loads_the_trunk(micro_run):
+    _, folder = micro_run
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rt = mtp_runtime.load(folder)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (rt.logits(ids) - expected).abs().max() < 1e-4
+
+
+def test_trained_checkpoint_is_lossless(micro_run):
+    _, folder = micro_run
+    rt = mtp_runtime.load(folder)
+    prompts = [rt.encode("def function_3_4(value):\n"), rt.encode("def function_1")]
+    plain = rt.generate(input_ids=prompts, max_new_tokens=40, draft="none", ignore_eos=True)
+    for draft in ("chain", "tree", "dynamic"):
+        spec = rt.generate(input_ids=prompts, max_new_tokens=40, draft=draft, ignore_eos=True)
+        assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    chain = rt.generate(input_ids=prompts[0], max_new_tokens=40, draft="chain", ignore_eos=True)
+    assert chain.stats.mean_accepted_length > 1.2  # the repetitive corpus is learnt: drafts get accepted
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    first = Trainer(micro_settings(tmp_path, steps=10, eval_every=5, save_every=5))
+    first.train()
+    resumed = Trainer(micro_settings(tmp_path, steps=14, eval_every=5, save_every=5))
+    assert resumed.step == 10
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
+    resumed.train()
+    assert resumed.step == 14
+
+
+def test_mtp_only_distillation_keeps_the_trunk(micro_run, tmp_path):
+    _, folder = micro_run
+    settings = micro_settings(tmp_path, mtp_only=True, init=folder, distill=True, steps=6, eval_every=3,
+                              num_mtp=3)
+    trainer = Trainer(settings)
+    trunk_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("mtp.")}
+    out = trainer.train()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in trunk_before.items())
+    rt = mtp_runtime.load(out)
+    assert rt.num_mtp_modules == 3
+    base = mtp_runtime.load(folder)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    assert (rt.logits(ids) - base.logits(ids)).abs().max() == 0
+
+
+@pytest.mark.parametrize("text", [
+    "def f(x):\n\treturn x  # tab and comment\n",
+    "naïve café — ünïcödé, 中文, emoji 🐍, \u200b zero-width, \r\n windows line\n",
+    "   leading spaces and trailing   ",
+    "",
+])
+def test_tokenizer_round_trips_any_text(micro_run, text):
+    _, folder = micro_run
+    rt = mtp_runtime.load(folder)
+    ids = rt.encode(text) if text else []
+    assert rt.tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_held_out_split_is_stable_and_whole_files(tmp_path):
+    root = write_corpus(tmp_path / "c")
+    files = corpus.list_files([root])
+    a = corpus.split_files(files, [root], 30)
+    b = corpus.split_files(list(reversed(files)), [root], 30)
+    assert set(a.held_out) == set(b.held_out) and a.held_out
+    assert not set(a.held_out) & set(a.train) and len(a.held_out) + len(a.train) == len(files)
+
+
+def test_default_corpus_excludes_installed_packages():
+    files = corpus.list_files(corpus.default_corpus_roots())
+    assert files == sorted(files) and len(files) > 100
+    assert not any("site-packages" in f.parts for f in files)
