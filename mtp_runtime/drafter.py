@@ -91,35 +91,35 @@ class Drafter:
         cache = LatentCache(self.num_modules, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                             trunk_hidden.dtype, trunk_hidden.device)
         cache.lengths.fill_(1)
-        positions = 1 + torch.arange(p, device=trunk_hidden.device).expand(b, p)
-        rows = torch.arange(b, device=trunk_hidden.device)
-        hidden_in, stash = trunk_hidden, []
-        for k in range(self.num_modules):
-            visible = causal_visibility(b, p, positions, start=k + 1)
-            plan = AttentionPlan.over_cache(cache, positions, visible, start=k + 1, impl=attention_impl(p))
-            out = self.model.forward_mtp(k, hidden_in, next_tokens, plan)
-            stash.append(out[rows, prompt_lens - 1])
-            hidden_in = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # module k's slot s-1
-        cache.commit(torch.arange(p, device=trunk_hidden.device).expand(b, p), prompt_lens)
-        return MTPState(cache, torch.stack(stash))
+        no_earlier_output = trunk_hidden.new_zeros(self.num_modules, b, h)  # slot 0 is never valid
+        return MTPState(cache, self._append(cache, trunk_hidden, next_tokens, prompt_lens, no_earlier_output))
 
     def commit(self, state: MTPState, path_hidden: torch.Tensor, new_tokens: torch.Tensor,
                counts: torch.Tensor) -> None:
         """Append slots L+1 .. L+counts: path_hidden [B, m, H] = trunk hidden of root + accepted nodes,
         new_tokens [B, m] = accepted drafts then the bonus token (rows padded past counts[b])."""
-        b, m, _ = path_hidden.shape
-        cache = state.cache
-        positions = cache.lengths[:, None] + torch.arange(m, device=path_hidden.device)
-        rows = torch.arange(b, device=path_hidden.device)
-        hidden_in, stash = path_hidden, []
+        state.stash = self._append(state.cache, path_hidden, new_tokens, counts, state.stash)
+
+    def _append(self, cache: LatentCache, trunk_hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
+                earlier: torch.Tensor) -> torch.Tensor:
+        """Run every module over the next m slots and commit counts[b] of them; returns the new stash.
+
+        Module k's hidden input at slot s is module k-1's output at slot s-1: trunk_hidden [B, m, H] for the
+        first module, and for the others their predecessor's new outputs after earlier[k-1] (its output at
+        the slot before the first new one).
+        """
+        b, m, _ = trunk_hidden.shape
+        positions = cache.lengths[:, None] + torch.arange(m, device=trunk_hidden.device)
+        rows = torch.arange(b, device=trunk_hidden.device)
+        hidden_in, stash = trunk_hidden, []
         for k in range(self.num_modules):
             visible = causal_visibility(b, m, positions, start=k + 1)
             plan = AttentionPlan.over_cache(cache, positions, visible, start=k + 1, impl=attention_impl(m))
-            out = self.model.forward_mtp(k, hidden_in, new_tokens, plan)
+            out = self.model.forward_mtp(k, hidden_in, tokens, plan)
             stash.append(out[rows, counts - 1])
-            hidden_in = torch.cat([state.stash[k][:, None], out[:, :-1]], dim=1)
-        cache.commit(torch.arange(m, device=path_hidden.device).expand(b, m), counts)
-        state.stash = torch.stack(stash)
+            hidden_in = torch.cat([earlier[k][:, None], out[:, :-1]], dim=1)
+        cache.commit(torch.arange(m, device=trunk_hidden.device).expand(b, m), counts)
+        return torch.stack(stash)
 
     def draft(self, state: MTPState, roots: torch.Tensor, trunk_lengths: torch.Tensor) -> DraftTree:
         """Grow this step's draft tree from the pending tokens roots [B]."""
