@@ -1,0 +1,404 @@
+"""The `mtp-runtime` command line: generate, bench, info, their error handling, and the installed console script.
+
+Figures are checked on a tiny checkpoint whose drafts are mostly accepted (builders.build_mostly_right) with a
+byte-level tokenizer trained on a few strings; the real-model checks use `stand_in_model()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import mtp_runtime
+from builders import build_mostly_right
+from mtp_runtime import bench, prompts
+from mtp_runtime.cli import main
+from mtp_runtime.errors import GenerationSettingsError, MTPRuntimeError
+from mtp_runtime.train.corpus import train_tokenizer
+
+STAND_IN = Path("/tmp/tr1/model")
+SNIPPETS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+            "class Point:\n    def __init__(self, x, y):\n        self.x = x\n", "import os\nimport sys\n"]
+
+
+def stand_in_model() -> Path | None:
+    """The shipped default model once it exists, else the stand-in training output (None when neither does)."""
+    if (mtp_runtime.DEFAULT_MODEL / "config.json").is_file():
+        return mtp_runtime.DEFAULT_MODEL
+    return STAND_IN if (STAND_IN / "config.json").is_file() else None
+
+
+needs_model = pytest.mark.skipif(stand_in_model() is None, reason="no trained model (shipped default or stand-in)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 folder with 2 MTP modules, mostly-accepted drafts and a byte-level BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny")
+    text = folder / "snippets.txt"
+    text.write_text("\n".join(SNIPPETS * 4), encoding="utf-8")
+    tokenizer = train_tokenizer([text], 300, folder / "tokenizer.json")
+    text.unlink()
+    return build_mostly_right(folder, vocab=tokenizer.get_vocab_size(), num_mtp=2, seed=3)
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def run_json(*args, input=None) -> dict:
+    result = run(*args, "--json", input=input)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def check_stats(stats: dict, draft_steps_expected: bool = True, prefills: int = 1) -> None:
+    """The figures of one stats.to_dict() (over `prefills` sequences) agree with one another."""
+    assert stats["steps"] > 0
+    assert stats["mean_accepted_length"] == pytest.approx(stats["new_tokens"] / stats["steps"])
+    assert all(0.0 <= r <= 1.0 for r in stats["acceptance_per_depth"] + stats["cumulative_acceptance"])
+    cumulative = stats["cumulative_acceptance"]
+    assert all(a >= b for a, b in zip(cumulative, cumulative[1:]))
+    hist = {int(k): v for k, v in stats["accepted_length_histogram"].items()}
+    if draft_steps_expected:
+        # every verify step drafted, and each emitted its accepted drafts + 1 bonus token (each prefill emits 1)
+        assert sum(hist.values()) == stats["steps"] - prefills
+        assert stats["new_tokens"] <= prefills + sum((k + 1) * v for k, v in hist.items())
+        # tau = 1 + sum of the cumulative rates, over the verify steps
+        assert sum((k + 1) * v for k, v in hist.items()) / sum(hist.values()) == pytest.approx(1 + sum(cumulative))
+    times = stats["time_s"]
+    assert times["draft"] + times["verify"] + times["commit"] + times["other"] == pytest.approx(times["total"])
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def test_generate_streams_the_same_text_as_json(tiny):
+    streamed = run("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--ignore-eos")
+    assert streamed.exit_code == 0, streamed.output
+    out = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--ignore-eos")
+    assert streamed.stdout == out["text"] + ("" if out["text"].endswith("\n") else "\n")
+    assert out["draft"] == "dynamic" and out["finish_reason"] == "length"
+    assert len(out["token_ids"]) == out["stats"]["new_tokens"] == 12
+    assert out["prompt_token_ids"] == mtp_runtime.load(tiny).encode("def add(a, b):")
+
+
+def test_generate_stats_summary_on_stderr(tiny):
+    result = run("generate", "for i in", "--model", tiny, "--max-new-tokens", 10, "--draft", "chain", "--stats")
+    assert result.exit_code == 0, result.output
+    for label in ("steps", "new tokens", "mean accepted", "acceptance", "cumulative", "vLLM", "accepted/step",
+                  "tokens/s", "draft", "verify", "commit"):
+        assert label in result.stderr
+    assert "mean accepted" not in result.stdout
+
+
+@pytest.mark.parametrize("draft", [["--draft", "chain", "--num-draft-tokens", "3"], ["--draft", "tree", "--tree", "2,2"],
+                                   ["--draft", "dynamic", "--num-draft-tokens", "6", "--depth", "3", "--topk", "2"]])
+def test_generate_json_figures_are_consistent_and_lossless(tiny, draft):
+    args = ("generate", "class Point:", "--model", tiny, "--max-new-tokens", 16, "--ignore-eos")
+    plain = run_json(*args, "--draft", "none")
+    out = run_json(*args, *draft)
+    assert out["token_ids"] == plain["token_ids"] and out["text"] == plain["text"]  # greedy: drafting is lossless
+    check_stats(out["stats"])
+    assert out["stats"]["new_tokens"] == 16
+    assert out["stats"]["mean_accepted_length"] > 1.2  # this checkpoint's drafts are mostly accepted
+    assert plain["stats"]["mean_accepted_length"] == 1.0 and plain["stats"]["drafted_tokens"] == 0
+
+
+def test_generate_prompt_from_stdin_and_file(tiny, tmp_path):
+    args = ("generate", "--model", tiny, "--max-new-tokens", 6, "--ignore-eos")
+    from_arg = run_json(*args[:1], "import os\n", *args[1:])
+    from_stdin = run_json(*args, input="import os\n")
+    file = tmp_path / "prompt.txt"
+    file.write_text("import os\n", encoding="utf-8")
+    from_file = run_json(*args, "--prompt-file", file)
+    assert from_arg["prompt_token_ids"] == from_stdin["prompt_token_ids"] == from_file["prompt_token_ids"]
+    assert from_arg["token_ids"] == from_stdin["token_ids"] == from_file["token_ids"]
+
+
+def test_generate_stop_string_and_sampling(tiny):
+    out = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--temperature", 0.8,
+                   "--top-p", 0.9, "--seed", 1, "--draft", "chain")
+    check_stats(out["stats"])
+    again = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--temperature", 0.8,
+                     "--top-p", 0.9, "--seed", 1, "--draft", "chain")
+    assert again["token_ids"] == out["token_ids"]  # a seed makes sampling reproducible
+    text = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 24, "--ignore-eos")["text"]
+    stop = text[3:5]
+    stopped = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 24, "--stop", stop)
+    assert stopped["finish_reason"] == "stop" and stop not in stopped["text"]
+
+
+def test_ctrl_c_while_streaming_exits_130(tiny, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        def chunks():
+            yield mtp_runtime.StreamChunk(0, [1], "partial")
+            raise KeyboardInterrupt
+
+        return mtp_runtime.GenerationStream(chunks(), [])
+
+    monkeypatch.setattr(mtp_runtime.Runtime, "generate", interrupted)
+    result = run("generate", "x", "--model", tiny)
+    assert result.exit_code == 130
+    assert result.stdout == "partial\n"
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--draft", "sideways"], "unknown draft mode"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--tree", "3,x"], "tree spec"),
+    (["--draft", "chain", "--num-draft-tokens", "0"], "num_draft_tokens"),
+])
+def test_generate_errors_are_one_line(tiny, args, fragment):
+    model = [] if "--model" in args else ["--model", str(tiny)]
+    assert_one_line_error(run("generate", "x", *model, *args), fragment)
+
+
+def test_model_folder_without_config_is_one_line_error(tmp_path):
+    assert_one_line_error(run("generate", "x", "--model", tmp_path), "config.json")
+    assert_one_line_error(run("info", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(run("bench", "--model", tmp_path / "missing"), "does not exist")
+
+
+def test_debug_shows_the_exception(tiny):
+    result = run("--debug", "generate", "x", "--model", tiny, "--temperature", "-1")
+    assert isinstance(result.exception, GenerationSettingsError)
+
+
+def test_drafting_without_mtp_modules_is_explained(tmp_path, tiny):
+    folder = build_mostly_right(tmp_path / "no_mtp", vocab=mtp_runtime.load(tiny).config.vocab_size, num_mtp=0)
+    (folder / "tokenizer.json").write_bytes((tiny / "tokenizer.json").read_bytes())
+    assert run_json("generate", "x", "--model", folder, "--max-new-tokens", 3)["draft"] == "none"
+    assert_one_line_error(run("generate", "x", "--model", folder, "--draft", "chain"), "no MTP modules")
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def test_bench_json_figures_are_consistent(tiny, tmp_path):
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SNIPPETS[:2]), encoding="utf-8")
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 8, "--draft", "chain",
+                 "--draft", "dynamic", "--num-draft-tokens", "2,3", "--json", out, "--no-progress",
+                 *(["--plot", plot] if has_matplotlib else []))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["configs"]]
+    assert names == ["plain", "chain k=2", "chain k=3", "dynamic n=2 d=4 k=4", "dynamic n=3 d=4 k=4"]
+    for name in names:
+        assert name in result.stdout
+    assert set(report["machine"]) >= {"platform", "torch", "cpu_count", "device", "dtype"}
+    assert [p["text"] for p in report["prompts"]] == SNIPPETS[:2]
+    plain = report["configs"][0]
+    assert plain["speedup"] == 1.0 and plain["stats"]["mean_accepted_length"] == 1.0
+    for config in report["configs"]:
+        stats = config["stats"]
+        check_stats(stats, draft_steps_expected=config["draft"] != "none", prefills=2)
+        assert len(config["per_prompt"]) == 2
+        assert [p["new_tokens"] for p in config["per_prompt"]] == [8, 8]  # ignore-eos by default
+        assert stats["new_tokens"] == sum(p["new_tokens"] for p in config["per_prompt"])
+        assert stats["steps"] == sum(p["steps"] for p in config["per_prompt"])
+        for p in config["per_prompt"]:
+            check_stats(p, draft_steps_expected=config["draft"] != "none")
+        assert config["tokens_per_second"] == pytest.approx(16 / config["wall_s"])
+        assert config["speedup"] == pytest.approx(config["tokens_per_second"] / plain["tokens_per_second"])
+        assert config["bound_free_drafting"] == stats["mean_accepted_length"]
+        assert config["implied_speedup"] == pytest.approx(
+            stats["mean_accepted_length"] * plain["decode_step_s"] / config["decode_step_s"])
+        assert sum(config["time_shares"].values()) == pytest.approx(1.0)
+        assert config["matches_plain"] is True
+        assert [p["token_ids"] for p in config["per_prompt"]] == [p["token_ids"] for p in plain["per_prompt"]]
+    assert report["configs"][2]["stats"]["mean_accepted_length"] > 1.2
+    if has_matplotlib:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib_is_explained(tiny, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert_one_line_error(run("bench", "--model", tiny, "--plot", tmp_path / "x.png"), "pip install")
+
+
+def test_bench_sampling_and_tree_sweep(tiny, tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n\n".join(SNIPPETS[:2]), encoding="utf-8")
+    out = tmp_path / "bench.json"
+    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "tree", "--tree",
+                 "2,1", "--tree", "[[0],[1],[0,0]]", "--temperature", 0.7, "--json", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [c["name"] for c in report["configs"]] == ["plain", "tree 2,1", "tree 3 nodes"]
+    for config in report["configs"]:
+        assert config["matches_plain"] is None  # only greedy runs are compared token for token
+        check_stats(config["stats"], draft_steps_expected=config["draft"] != "none", prefills=2)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--draft", "sideways"], "unknown draft mode"),
+    (["--num-draft-tokens", "2,x"], "--num-draft-tokens"),
+    (["--tree", "2,1", "--draft", "chain"], "--draft tree"),
+    (["--temperature", "-0.5"], "temperature"),
+    (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+])
+def test_bench_errors_are_one_line(tiny, args, fragment):
+    assert_one_line_error(run("bench", "--model", tiny, *args), fragment)
+
+
+def test_sweep_configurations():
+    configs = bench.sweep(["chain", "dynamic", "chain"], [1, 2], depth=3, topk=2)
+    assert [c.name for c in configs] == ["plain", "chain k=1", "chain k=2", "dynamic n=1 d=3 k=2",
+                                         "dynamic n=2 d=3 k=2"]
+    assert [c.name for c in bench.sweep()] == ["plain", "chain k=3", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    with pytest.raises(GenerationSettingsError):
+        bench.sweep(["chain"], [0])
+
+
+@needs_model
+def test_bench_default_prompts_on_the_trained_model(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--model", stand_in_model(), "--num-prompts", 2, "--max-new-tokens", 4, "--draft", "chain",
+                 "--json", out, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [p["text"] for p in report["prompts"]] == prompts.default_prompts(2)
+    assert all(c["matches_plain"] for c in report["configs"])
+
+
+def test_bench_compare_hf(tiny, tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n\n".join(SNIPPETS[:2]), encoding="utf-8")
+    out = tmp_path / "bench.json"
+    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
+                 "--compare-hf", "--json", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    hf = {h["name"]: h for h in json.loads(out.read_text())["hf"]}
+    assert set(hf) == {"hf greedy", "hf prompt-lookup 3", "hf mtp"}
+    for name in ("hf greedy", "hf prompt-lookup 3"):
+        assert hf[name]["error"] is None and hf[name]["new_tokens"] == 12 and hf[name]["matches_ours"] is True
+    mtp = hf["hf mtp"]
+    assert (mtp["error"] is None and mtp["new_tokens"] == 12) or (mtp["error"] and "hf mtp failed" in result.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def test_default_prompts_are_held_out_and_deterministic():
+    from mtp_runtime.train.corpus import default_corpus_roots, is_held_out
+
+    first = prompts.default_prompts(3)
+    assert first == prompts.default_prompts(3) and len(set(first)) == 3
+    assert all(len(p.splitlines()) == prompts.PROMPT_LINES for p in first)
+    root = default_corpus_roots()[0].resolve()
+    held = [f for f in sorted(root.rglob("*.py")) if is_held_out(f.resolve(), root, prompts.HELD_OUT_PERCENT)]
+    texts = {f.read_text(encoding="utf-8", errors="replace") for f in held}
+    assert all(any(t.startswith(p) for t in texts) for p in first)
+
+
+def test_load_prompts_formats(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("\n\none\nline two\n\n\n  \nthree\n", encoding="utf-8")
+    assert prompts.load_prompts(text) == ["one\nline two", "three"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a\\nb"}\n\n{"prompt": "c", "id": 2}\n', encoding="utf-8")
+    assert prompts.load_prompts(jsonl) == ["a\nb", "c"]
+    jsonl.write_text('{"text": "a"}\n', encoding="utf-8")
+    with pytest.raises(MTPRuntimeError, match="prompt"):
+        prompts.load_prompts(jsonl)
+    with pytest.raises(MTPRuntimeError):
+        prompts.load_prompts(tmp_path / "missing.txt")
+
+
+def test_training_corpus_from_training_json(tmp_path):
+    assert prompts.training_corpus(tmp_path) == (None, 5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    record = {"settings": {"corpus": [str(corpus)], "held_out_percent": 10}}
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert prompts.training_corpus(tmp_path) == ([corpus], 10)
+    record["settings"]["corpus"] = ["/trained/elsewhere"]
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert prompts.training_corpus(tmp_path) == (None, 10)
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+def test_info_counts_match_the_loaded_model(tiny):
+    summary = run_json("info", tiny)
+    rt = mtp_runtime.load(tiny)
+    state = rt.model.state_dict()
+    assert summary["parameters"]["total"] == sum(v.numel() for k, v in state.items() if not k.startswith("mtp."))
+    assert summary["parameters"]["mtp_total"] == sum(v.numel() for k, v in state.items() if k.startswith("mtp."))
+    assert summary["parameters"]["active_per_token"] < summary["parameters"]["total"]
+    assert summary["mtp_depth"] == rt.num_mtp_modules == 2
+    cache = summary["cache_bytes_per_token"]
+    assert cache["latent"] == rt.config.latent_cache_bytes_per_token(2)
+    assert cache["ratio"] == pytest.approx(cache["expanded_kv"] / cache["latent"])
+    assert summary["tokenizer_vocab_size"] == len(rt.tokenizer)
+    text = run("info", tiny)
+    assert text.exit_code == 0
+    for label in ("MLA", "routed experts", "active per token", "latent", "tokenizer", "depth 2"):
+        assert label in text.stdout
+
+
+def test_info_on_the_published_deepseek_v3_config(tmp_path):
+    """671B total and ~37B activated parameters (DeepSeek-V3 report), from config.json alone."""
+    config = dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1, num_attention_heads=128,
+        n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4,
+        num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid",
+        max_position_embeddings=163840, rope_theta=10000,
+        rope_scaling={"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    summary = run_json("info", tmp_path)
+    assert round(summary["parameters"]["total"] / 1e9) == 671
+    assert round(summary["parameters"]["active_per_token"] / 1e9) in (37, 38)
+    assert summary["mtp_depth"] == 1 and summary["tokenizer_vocab_size"] is None
+    assert summary["cache_bytes_per_token"]["latent"] == 61 * (512 + 64) * 2
+
+
+@needs_model
+def test_info_on_the_trained_model():
+    result = run("info", stand_in_model())
+    assert result.exit_code == 0, result.output
+    assert "MTP" in result.stdout.upper() and "tokenizer" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- console script
+
+def test_installed_console_script(tiny):
+    script = Path(sys.executable).with_name("mtp-runtime")
+    if not script.is_file():
+        pytest.skip("the mtp-runtime console script is not installed next to this interpreter")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([str(script), "generate", "def add(a, b):", "--model", str(tiny), "--max-new-tokens", "8",
+                           "--ignore-eos", "--stats"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "mean accepted" in done.stderr
+    bad = subprocess.run([str(script), "generate", "x", "--model", "/nonexistent"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
