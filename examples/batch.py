@@ -24,11 +24,11 @@ def main() -> None:
     for i, (prompt, result) in enumerate(zip(PROMPTS, results)):
         s = result.stats
         depths = " ".join(f"{rate:.2f}" for rate in s.acceptance_per_depth) or "-"
-        print(f"--- prompt {i}: {s.new_tokens} tokens in {s.steps} trunk forwards (tau {s.mean_accepted_length:.2f}), "
-              f"acceptance per depth {depths}, finish {result.finish_reason}")
+        print(f"--- prompt {i}: {s.new_tokens} tokens in {s.steps} trunk forwards ({s.mean_accepted_length:.2f} per "
+              f"forward, tau {s.tau:.2f} per verify), acceptance per depth {depths}, finish {result.finish_reason}")
         print(prompt + result.text)
     total = functools.reduce(GenerationStats.merge, (r.stats for r in results))
-    print(f"=== batch of {len(PROMPTS)}, {draft} drafting: tau {total.mean_accepted_length:.2f}, cumulative "
+    print(f"=== batch of {len(PROMPTS)}, {draft} drafting: tau {total.tau:.2f}, cumulative "
           f"acceptance {[round(x, 2) for x in total.cumulative_acceptance]}, "
           f"histogram {total.accepted_length_histogram}")
 

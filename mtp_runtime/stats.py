@@ -1,4 +1,4 @@
-"""Acceptance statistics: per-depth acceptance, mean accepted length, histogram and the time split."""
+"""Acceptance statistics: per-depth acceptance, mean accepted length and tau, histogram and the time split."""
 
 from __future__ import annotations
 
@@ -30,8 +30,19 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens emitted per trunk forward (the bonus token included)."""
+        """new_tokens / steps: tokens per trunk forward, the prefill counted as the first step.
+
+        Plain decoding gives exactly 1.0; with drafting the prefill pulls it below `tau`.
+        """
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tau(self) -> float:
+        """1 + sum(cumulative_acceptance): tokens per verify forward that carried drafts, bonus included.
+
+        DESIGN.md's mean accepted length; 1.0 when nothing was drafted.
+        """
+        return 1.0 + sum(self.cumulative_acceptance)
 
     @property
     def acceptance_per_depth(self) -> list[float]:
@@ -95,6 +106,7 @@ class GenerationStats:
             "new_tokens": self.new_tokens,
             "drafted_tokens": self.drafted_tokens,
             "mean_accepted_length": self.mean_accepted_length,
+            "tau": self.tau,
             "acceptance_per_depth": self.acceptance_per_depth,
             "cumulative_acceptance": self.cumulative_acceptance,
             "accepted_length_histogram": {str(k): v for k, v in self.accepted_length_histogram.items()},

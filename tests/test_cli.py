@@ -21,6 +21,7 @@ from builders import build_mostly_right
 from mtp_runtime import bench, prompts
 from mtp_runtime.cli import main
 from mtp_runtime.errors import GenerationSettingsError, MTPRuntimeError
+from mtp_runtime.stats import GenerationStats
 from mtp_runtime.train.corpus import train_tokenizer
 
 STAND_IN = Path("/tmp/tr1/model")
@@ -75,6 +76,7 @@ def check_stats(stats: dict, draft_steps_expected: bool = True, prefills: int = 
     assert all(0.0 <= r <= 1.0 for r in stats["acceptance_per_depth"] + stats["cumulative_acceptance"])
     cumulative = stats["cumulative_acceptance"]
     assert all(a >= b for a, b in zip(cumulative, cumulative[1:]))
+    assert stats["tau"] == pytest.approx(1 + sum(cumulative))
     hist = {int(k): v for k, v in stats["accepted_length_histogram"].items()}
     if draft_steps_expected:
         # every verify step drafted, and each emitted its accepted drafts + 1 bonus token (each prefill emits 1)
@@ -84,6 +86,20 @@ def check_stats(stats: dict, draft_steps_expected: bool = True, prefills: int = 
         assert sum((k + 1) * v for k, v in hist.items()) / sum(hist.values()) == pytest.approx(1 + sum(cumulative))
     times = stats["time_s"]
     assert times["draft"] + times["verify"] + times["commit"] + times["other"] == pytest.approx(times["total"])
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+def test_tau_is_one_plus_the_cumulative_rates():
+    s = GenerationStats(steps=1, new_tokens=1)  # the prefill alone: nothing drafted
+    assert s.tau == 1.0 and s.mean_accepted_length == 1.0
+    for accepted in (3, 0, 2):  # three verify steps of a depth-3 chain
+        s.record_step(drafted=3, tree_depth=3, accepted=accepted, leaf_reached=accepted == 3)
+        s.new_tokens += accepted + 1
+    assert s.tau == pytest.approx(1 + sum(s.cumulative_acceptance))
+    assert s.tau == pytest.approx((4 + 1 + 3) / 3)  # tokens per verify forward, bonus included
+    assert s.mean_accepted_length == pytest.approx(9 / 4)  # new tokens / trunk forwards, prefill counted
+    assert s.to_dict()["tau"] == s.tau
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -101,8 +117,8 @@ def test_generate_streams_the_same_text_as_json(tiny):
 def test_generate_stats_summary_on_stderr(tiny):
     result = run("generate", "for i in", "--model", tiny, "--max-new-tokens", 10, "--draft", "chain", "--stats")
     assert result.exit_code == 0, result.output
-    for label in ("steps", "new tokens", "mean accepted", "acceptance", "cumulative", "vLLM", "accepted/step",
-                  "tokens/s", "draft", "verify", "commit"):
+    for label in ("steps", "new tokens", "mean accepted", "tau", "acceptance", "cumulative", "vLLM",
+                  "accepted/step", "tokens/s", "draft", "verify", "commit"):
         assert label in result.stderr
     assert "mean accepted" not in result.stdout
 
@@ -213,6 +229,7 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
     assert [p["text"] for p in report["prompts"]] == SNIPPETS[:2]
     plain = report["configs"][0]
     assert plain["speedup"] == 1.0 and plain["stats"]["mean_accepted_length"] == 1.0
+    assert plain["stats"]["tau"] == 1.0
     for config in report["configs"]:
         stats = config["stats"]
         check_stats(stats, draft_steps_expected=config["draft"] != "none", prefills=2)
@@ -224,9 +241,9 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
             check_stats(p, draft_steps_expected=config["draft"] != "none")
         assert config["tokens_per_second"] == pytest.approx(16 / config["wall_s"])
         assert config["speedup"] == pytest.approx(config["tokens_per_second"] / plain["tokens_per_second"])
-        assert config["bound_free_drafting"] == stats["mean_accepted_length"]
+        assert config["bound_free_drafting"] == stats["tau"]
         assert config["implied_speedup"] == pytest.approx(
-            stats["mean_accepted_length"] * plain["decode_step_s"] / config["decode_step_s"])
+            stats["tau"] * plain["decode_step_s"] / config["decode_step_s"])
         assert sum(config["time_shares"].values()) == pytest.approx(1.0)
         assert config["matches_plain"] is True
         assert [p["token_ids"] for p in config["per_prompt"]] == [p["token_ids"] for p in plain["per_prompt"]]

@@ -150,7 +150,7 @@ class Trainer:
         return model, raw
 
     def _build_mtp_only(self):
-        """Frozen trunk from --init; fresh MTP modules on top of it."""
+        """Frozen trunk from --init; its MTP modules are trained further where it has them, fresh otherwise."""
         if self.s.init is None:
             raise MTPRuntimeError("--mtp-only needs --init FOLDER: the checkpoint whose trunk gets MTP modules")
         from ..runtime import Runtime
@@ -160,8 +160,9 @@ class Trainer:
         raw["num_nextn_predict_layers"] = self.s.num_mtp
         model = DeepseekForCausalLM(ModelConfig.from_dict(raw), num_mtp=self.s.num_mtp)
         init_weights(model)
-        trunk = {k: v for k, v in base.model.state_dict().items() if not k.startswith("mtp.")}
-        model.load_state_dict(trunk, strict=False)
+        own = model.state_dict()
+        reused = {k: v for k, v in base.model.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(reused, strict=False)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("mtp.")
         return model, raw

@@ -1,0 +1,67 @@
+"""Running a benchmark: every configuration on every prompt, interleaved, after one untimed warm-up each."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..errors import MTPRuntimeError
+from .configs import DraftConfig
+from .results import BenchReport, ConfigResult, PromptRun
+
+WARMUP_TOKENS = 8
+
+
+def run_bench(runtime, prompts: list[str], configs: list[DraftConfig], *, max_new_tokens: int = 128,
+              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = True,
+              warmup: bool = True, progress: bool = False) -> BenchReport:
+    """Run every configuration on every prompt (prompt i sampled with seed + i in each configuration)."""
+    from tqdm import tqdm
+
+    if not prompts:
+        raise MTPRuntimeError("no prompts to benchmark")
+    if not any(c.mode == "none" for c in configs):
+        configs = [DraftConfig("none"), *configs]
+    ids = [runtime.encode(p) for p in prompts]
+    common = dict(temperature=temperature, top_k=top_k, top_p=top_p, ignore_eos=ignore_eos)
+    if warmup:
+        for config in configs:
+            runtime.generate(input_ids=ids[0], max_new_tokens=min(WARMUP_TOKENS, max_new_tokens), seed=seed,
+                             **common, **config.generate_kwargs())
+    results = [ConfigResult(c) for c in configs]
+    with tqdm(total=len(ids) * len(configs), desc="bench", unit="run", file=sys.stderr, disable=not progress,
+              leave=False) as bar:
+        for i, prompt in enumerate(ids):
+            for result in results:
+                bar.set_postfix_str(f"prompt {i + 1} {result.config.name}")
+                result.runs.append(_timed_run(runtime, prompt, result.config, max_new_tokens, seed + i, common))
+                bar.update()
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+    return BenchReport(list(prompts), ids, max_new_tokens, sampling, results, machine_info(runtime))
+
+
+def _timed_run(runtime, prompt: list[int], config: DraftConfig, max_new_tokens: int, seed: int,
+               common: dict) -> PromptRun:
+    """One generate call, timed by wall clock."""
+    start = time.perf_counter()
+    out = runtime.generate(input_ids=prompt, max_new_tokens=max_new_tokens, seed=seed, **common,
+                           **config.generate_kwargs())
+    return PromptRun(out.stats, time.perf_counter() - start, out.token_ids)
+
+
+def machine_info(runtime) -> dict:
+    """Platform, library versions, threads, device and dtype of the run."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(runtime.device),
+            "dtype": str(runtime.model.lm_head.weight.dtype).removeprefix("torch."),
+            "model": str(runtime.path) if runtime.path is not None else None}
+    if runtime.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+    return info

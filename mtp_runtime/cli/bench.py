@@ -1,0 +1,128 @@
+"""`mtp-runtime bench`: draft acceptance and speedup over plain decoding, as tables, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import GenerationSettingsError, MTPRuntimeError
+from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, model_options, sampling_options
+
+
+@click.command()
+@model_options
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Prompts: .jsonl with a \"prompt\" field per line, or text with one prompt per blank-line-separated "
+                   "block.  [default: the first 30 lines of held-out files of the training corpus]")
+@click.option("--num-prompts", type=int, default=8, show_default=True,
+              help="Number of default prompts (ignored with --prompts).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens generated per prompt.")
+@click.option("--draft", "drafts", multiple=True, metavar="[chain|tree|dynamic]",
+              help="Draft mode to benchmark, repeatable (see `generate --help`); plain decoding always runs "
+                   "as the baseline.  [default: chain, tree, dynamic]")
+@click.option("--num-draft-tokens", default=None, metavar="N[,N...]",
+              help="Sweep, comma-separated: chain tokens per step and dynamic node budgets.  [default: chain 3, "
+                   "dynamic 8]")
+@click.option("--tree", "trees", multiple=True, help="Shape for --draft tree, repeatable to sweep: " + TREE_SPEC)
+@click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
+@click.option("--topk", type=int, default=None, help="dynamic: children per expanded node.  [default: 4]")
+@sampling_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is sampled with seed + i.")
+@click.option("--ignore-eos/--respect-eos", default=True, show_default=True,
+              help="Generate exactly --max-new-tokens per prompt (the default), or stop at end-of-sequence.")
+@click.option("--json", "json_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write every figure (configs, per-prompt stats, machine) to this JSON file.")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Draw acceptance per depth and speedup per configuration to this image (needs matplotlib).")
+@click.option("--compare-hf", is_flag=True,
+              help="Also time transformers' generate on the same weights and prompts: greedy, prompt lookup (3 "
+                   "tokens) and its MTP mode, and check their greedy ids against ours.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@friendly_errors
+def bench(model, device, dtype, threads, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens, trees,
+          depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf, progress):
+    """Measure MTP draft acceptance and speedup over plain decoding, on the same prompts in one run.
+
+    Plain decoding and every configuration run on the same prompts, interleaved, each after one untimed
+    warm-up generate. Greedy by default; with --temperature the acceptance is that of rejection sampling.
+
+    \b
+    Figures per configuration:
+      acceptance   P(depth-d draft accepted | its parent accepted), per depth
+      cumulative   P(at least d drafts accepted in a step): vLLM's rate
+      tau          tokens per verify forward that carried drafts, bonus
+                   included: 1 + the sum of the cumulative rates
+      tok/fwd      mean accepted length: new tokens / trunk forwards,
+                   the prefill counted as the first forward
+      histogram    drafted tokens accepted per step
+      tok/s        wall-clock tokens per second of the generate calls
+      speedup      tok/s over plain decoding's tok/s in the same run
+      bound(free)  = tau: the speedup if drafting and verification were free
+      tau*step     tau x plain decode-step time / this decode-step time: the
+                   speedup implied by the measured acceptance and step cost
+                   (prefill excluded)
+      draft/verify/commit/other   shares of the engine's time
+      =plain       greedy token ids equal plain decoding's on every prompt
+    """
+    from .. import bench as bench_mod
+
+    _check_outputs(json_file, plot_file)
+    configs = bench_mod.sweep(drafts or bench_mod.DEFAULT_DRAFTS, _int_list(num_draft_tokens), list(trees) or None,
+                              depth, topk)
+    check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                num_draft_tokens=None, tree=None, depth=None, topk=None), ())
+    runtime = load_runtime(model, device, dtype, threads)
+    report = bench_mod.run_bench(runtime, _prompts(runtime, prompts_file, num_prompts), configs,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed, ignore_eos=ignore_eos, progress=progress)
+    if compare_hf:
+        bench_mod.compare_hf(runtime, report, progress=progress)
+    click.echo(bench_mod.format_report(report))
+    if json_file is not None:
+        _write_json(report, json_file)
+    if plot_file is not None:
+        bench_mod.plot_report(report, plot_file)
+        click.echo(f"plot written to {plot_file}", err=True)
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    """'1,2,3' as [1, 2, 3] (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise GenerationSettingsError(
+            f"--num-draft-tokens {value!r} is invalid: expected integers separated by commas, e.g. 1,2,3") from None
+
+
+def _check_outputs(json_file: Path | None, plot_file: Path | None) -> None:
+    """Fail before the long run when an output cannot be written (no matplotlib, or a missing folder)."""
+    if plot_file is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MTPRuntimeError("--plot needs matplotlib; install it with: pip install 'mtp-runtime[plot]'") from None
+    for file in (json_file, plot_file):
+        if file is not None and not file.resolve().parent.is_dir():
+            raise MTPRuntimeError(f"cannot write {file}: folder {file.resolve().parent} does not exist")
+
+
+def _prompts(runtime, prompts_file: Path | None, num_prompts: int) -> list[str]:
+    """The --prompts file, or held-out files of the corpus the model was trained on."""
+    from ..prompts import default_prompts, load_prompts, training_corpus
+
+    if prompts_file is not None:
+        return load_prompts(prompts_file)
+    roots, percent = training_corpus(runtime.path)
+    return default_prompts(num_prompts, roots=roots, percent=percent)
+
+
+def _write_json(report, json_file: Path) -> None:
+    try:
+        json_file.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise MTPRuntimeError(f"cannot write {json_file}: {exc}") from None
+    click.echo(f"figures written to {json_file}", err=True)

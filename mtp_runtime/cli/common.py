@@ -1,0 +1,94 @@
+"""What the commands share: one-line errors, the model and sampling options, loading and request checks."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import GenerationSettingsError, MTPRuntimeError
+
+DRAFT_HELP = ("Drafting: none (plain decoding), chain (one MTP guess per depth), tree (static token tree, see "
+              "--tree) or dynamic (EAGLE-2-style tree grown by draft probability).")
+TREE_SPEC = ("branching per depth as '3,2,1' (3 children of the root, 2 of each, 1 of each), or Medusa-style JSON "
+             "paths of child ranks, e.g. '[[0],[1],[0,0]]'.  [default: 3,2,1]")
+
+
+def friendly_errors(command):
+    """Turn MTPRuntimeError into a one-line message and exit code 1 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return command(*args, **kwargs)
+        except MTPRuntimeError as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _options(*decorators):
+    """One decorator applying several click options, listed in the order they appear in --help."""
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+model_options = _options(
+    click.option("--model", type=click.Path(path_type=Path), default=None, show_default="the shipped model",
+                 help="HF-format DeepSeek-V2/V3 folder (config.json, *.safetensors, tokenizer.json)."),
+    click.option("--device", default=None, show_default="cuda if available, else cpu",
+                 help="torch device, e.g. cpu, cuda, cuda:1."),
+    click.option("--dtype", default=None, show_default="bfloat16 on cuda, float32 on cpu",
+                 help="Weights and activations: float32, bfloat16 or float16."),
+    click.option("--threads", type=int, default=None, show_default="torch's choice", help="torch CPU threads."),
+)
+"""--model, --device, --dtype, --threads."""
+
+sampling_options = _options(
+    click.option("--temperature", type=float, default=0.0, show_default=True,
+                 help="Softmax temperature; 0 decodes greedily (argmax)."),
+    click.option("--top-k", type=int, default=0, show_default=True,
+                 help="Sample among the k most likely tokens only; 0 turns it off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True,
+                 help="Nucleus sampling: the smallest token set holding this much mass; 1 turns it off."),
+)
+"""--temperature, --top-k, --top-p (transformers' generate names)."""
+
+
+def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None):
+    """The Runtime for --model (or the shipped model), with a clear error for a missing folder."""
+    import mtp_runtime
+
+    if threads is not None:
+        if threads < 1:
+            raise GenerationSettingsError(f"--threads={threads} must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
+    if model is not None and not model.exists():
+        raise MTPRuntimeError(f"model folder {model} does not exist; pass a folder holding an HF config.json")
+    return mtp_runtime.load(model, device=device, dtype=dtype)
+
+
+def check_request(max_new_tokens: int, draft: str | None, kwargs: dict, stop: tuple[str, ...]) -> None:
+    """Validate every generation setting before the (slow) model load."""
+    from ..params import DraftParams, GenerationRequest
+    from ..sampling import SamplingParams
+
+    GenerationRequest(
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["seed"]),
+        draft=DraftParams.build(draft or "dynamic", kwargs["num_draft_tokens"], kwargs["tree"], kwargs["depth"],
+                                kwargs["topk"]),
+        stop_strings=stop).validate()

@@ -1,0 +1,74 @@
+"""`mtp-runtime train`: train a small DeepSeek-V3-shaped model with MTP modules (or only the MTP modules)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import friendly_errors
+
+
+def parse_arch(pairs: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs with JSON values (numbers, true/false, null) or plain strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--arch")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@click.command()
+@click.argument("corpus", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Run folder: tokenizer, token arrays, train_state.pt (resume), train_log.jsonl; the model "
+                   "is exported to OUT/model.")
+@click.option("--steps", default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=16, show_default=True, help="Windows per step.")
+@click.option("--context", default=256, show_default=True, help="Tokens per window seen by the MTP modules.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (warmup then cosine to 10%).")
+@click.option("--warmup", default=100, show_default=True, help="Warmup steps.")
+@click.option("--vocab-size", default=2048, show_default=True, help="Byte-level BPE vocabulary size.")
+@click.option("--num-mtp", default=3, show_default=True, help="Number of MTP modules (D).")
+@click.option("--mtp-weight", default=0.3, show_default=True, help="lambda: weight of the mean MTP loss.")
+@click.option("--mtp-weight-late", default=0.1, show_default=True,
+              help="lambda after 70% of the steps (the V3 report's 0.3 -> 0.1).")
+@click.option("--mtp-only", is_flag=True, help="Train only fresh MTP modules on the frozen trunk of --init.")
+@click.option("--init", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Existing HF checkpoint folder whose trunk --mtp-only keeps.")
+@click.option("--distill", is_flag=True,
+              help="MTP targets are the trunk's own predictions (self-distillation) instead of the corpus.")
+@click.option("--eval-every", default=200, show_default=True, help="Held-out evaluation interval (steps).")
+@click.option("--save-every", default=100, show_default=True, help="Checkpoint interval (steps); rerun to resume.")
+@click.option("--max-minutes", type=float, default=None, help="Stop (and export) after this much wall time.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--arch", "arch", multiple=True, metavar="KEY=VALUE",
+              help="Override an architecture field of the default shape (repeatable), e.g. --arch hidden_size=128.")
+@friendly_errors
+def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, num_mtp, mtp_weight,
+          mtp_weight_late, mtp_only, init, distill, eval_every, save_every, max_minutes, threads, seed, arch):
+    """Train a small DeepSeek-V3-shaped model with MTP modules (or only MTP modules) on CORPUS.
+
+    CORPUS: text files or folders (default: the running interpreter's standard-library Python sources).
+    Whole files are held out by a stable hash of their path. Rerunning the same command resumes.
+    """
+    import torch
+
+    from ..train.trainer import Trainer, TrainSettings
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = TrainSettings(
+        out_dir=out_dir, corpus=list(corpus), steps=steps, batch_size=batch_size, context=context, lr=lr,
+        warmup=warmup, vocab_size=vocab_size, num_mtp=num_mtp, mtp_weight=mtp_weight,
+        mtp_weight_late=mtp_weight_late, mtp_only=mtp_only, init=init, distill=distill, eval_every=eval_every,
+        save_every=save_every, max_minutes=max_minutes, seed=seed, arch_overrides=parse_arch(arch))
+    folder = Trainer(settings).train()
+    click.echo(f"model written to {folder}")

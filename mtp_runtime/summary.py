@@ -1,0 +1,128 @@
+"""Architecture summary of a model folder with total and active parameter counts (what `mtp-runtime info` shows).
+
+Everything comes from config.json, the safetensors headers (tensor names, never the weights) and tokenizer.json,
+so it works on the configs of models far too large to load here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MTPLayout:
+    """The MTP modules a checkpoint stores (or, without weights, those its config promises)."""
+
+    depth: int
+    stored: bool
+    """The checkpoint holds MTP weights (False: described from the config alone)."""
+    own_head: bool
+    """Each module stores its own output head instead of sharing the trunk's."""
+    own_embedding: bool
+    """Each module stores its own embedding instead of sharing the trunk's."""
+
+
+def attention_params(cfg) -> int:
+    """Parameters of one MLA block: q (LoRA-compressed or not), the kv latent path, o_proj and the layer's norms."""
+    h, heads, bias = cfg.hidden_size, cfg.num_attention_heads, int(cfg.attention_bias)
+    if cfg.q_lora_rank:
+        q = h * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * heads * cfg.qk_head_dim
+    else:
+        q = h * heads * cfg.qk_head_dim
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    kv = (h + bias) * latent + cfg.kv_lora_rank + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + heads * cfg.v_head_dim * h + bias * h + 2 * h  # + o_proj, two norms
+
+
+def layer_params(cfg, layer_idx: int) -> tuple[int, float]:
+    """(total, active per token) parameters of decoder layer `layer_idx` (routed experts count k/E when active)."""
+    h, attn = cfg.hidden_size, attention_params(cfg)
+    if not cfg.is_moe_layer(layer_idx):
+        return attn + 3 * h * cfg.intermediate_size, attn + 3 * h * cfg.intermediate_size
+    experts = cfg.n_routed_experts
+    routed = experts * 3 * h * cfg.moe_intermediate_size
+    shared = 3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts
+    gate = experts * h + (experts if cfg.topk_method == "noaux_tc" else 0)
+    total = attn + routed + shared + gate
+    return total, total - routed + routed * cfg.num_experts_per_tok / experts
+
+
+def parameter_counts(cfg, mtp: MTPLayout) -> dict:
+    """Total and active-per-token parameters of the trunk and of the MTP modules."""
+    n, h, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    layers = [layer_params(cfg, i) for i in range(n)]
+    outer = vocab * h * (1 if cfg.tie_word_embeddings else 2) + h  # embedding, head, final norm
+    modules = [layer_params(cfg, n + k) for k in range(mtp.depth)]
+    # per MTP module: enorm, hnorm, shared_head.norm, eh_proj, and its own head / embedding copies when stored
+    extra = 3 * h + 2 * h * h + vocab * h * (int(mtp.own_head) + int(mtp.own_embedding))
+    return {"total": outer + sum(t for t, _ in layers),
+            "active_per_token": round(outer + sum(a for _, a in layers)),
+            "mtp_total": sum(t for t, _ in modules) + mtp.depth * extra,
+            "mtp_active_per_token": round(sum(a for _, a in modules) + mtp.depth * extra)}
+
+
+def mtp_layout(folder: Path, cfg) -> MTPLayout:
+    """The MTP modules stored in the folder's safetensors headers, or the config's promise without weights."""
+    from .checkpoint import CheckpointFiles
+    from .errors import CheckpointError
+
+    n = cfg.num_hidden_layers
+    try:
+        files = CheckpointFiles(folder)
+        depth = files.mtp_layer_count(n)
+        own_head = depth > 0 and files.has_our_name("mtp.0.shared_head.head.weight", n)
+        own_embedding = depth > 0 and files.has_our_name("mtp.0.embed_tokens.weight", n)
+        return MTPLayout(depth, True, own_head, own_embedding)
+    except CheckpointError:  # config only: describe what the config promises
+        return MTPLayout(cfg.num_nextn_predict_layers, False, True, True)
+
+
+def model_summary(folder: Path) -> dict:
+    """Architecture, parameter counts, MTP depth, cache sizes and vocabulary of a model folder (weights optional)."""
+    from .config import ModelConfig
+    from .text import load_tokenizer
+
+    cfg = ModelConfig.from_file(folder / "config.json")
+    mtp = mtp_layout(folder, cfg)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    latent, expanded = cfg.latent_cache_bytes_per_token(2), cfg.expanded_cache_bytes_per_token(2)
+    tokenizer = load_tokenizer(folder)
+    return {
+        "model": str(folder), "model_type": cfg.model_type,
+        "layers": {"total": cfg.num_hidden_layers, "dense": cfg.num_hidden_layers - moe_layers, "moe": moe_layers},
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention": _attention(cfg), "moe": _moe(cfg), "rope": _rope(cfg),
+        "parameters": parameter_counts(cfg, mtp),
+        "mtp_depth": mtp.depth, "mtp_modules_stored": mtp.stored,
+        "cache_bytes_per_token": {"dtype": "bfloat16", "latent": latent, "expanded_kv": expanded,
+                                  "ratio": expanded / latent},
+        "tokenizer_vocab_size": len(tokenizer) if tokenizer is not None else None,
+    }
+
+
+def _attention(cfg) -> dict:
+    return {"heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim}
+
+
+def _moe(cfg) -> dict | None:
+    if not cfg.n_routed_experts:
+        return None
+    return {"routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "shared_experts": cfg.n_shared_experts, "expert_intermediate_size": cfg.moe_intermediate_size,
+            "dense_intermediate_size": cfg.intermediate_size, "first_k_dense_replace": cfg.first_k_dense_replace,
+            "scoring_func": cfg.scoring_func, "topk_method": cfg.topk_method, "n_group": cfg.n_group,
+            "topk_group": cfg.topk_group, "norm_topk_prob": cfg.norm_topk_prob,
+            "routed_scaling_factor": cfg.routed_scaling_factor}
+
+
+def _rope(cfg) -> dict:
+    rope = cfg.rope
+    if rope.type != "yarn":
+        return {"type": rope.type, "theta": rope.theta}
+    return {"type": rope.type, "theta": rope.theta, "factor": rope.factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings, "mscale": rope.mscale,
+            "mscale_all_dim": rope.mscale_all_dim}
