@@ -7,7 +7,7 @@ only what drafting changes. The model never advances a cache; `_commit` is the o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -45,7 +45,7 @@ class _Batch:
     pending: torch.Tensor  # [B] last emitted token, not yet in the trunk cache
     generated: list[list[int]]  # per original index
     stats: list[GenerationStats]  # per original index
-    done: list[bool] = field(default_factory=list)
+    next_tree: DraftTree | None = None  # drafted while the previous step's MTP slots were appended
 
 
 class Engine:
@@ -106,16 +106,17 @@ class Engine:
         rows = torch.arange(b, device=device)
         first = self._pick(self.model.logits(hidden[rows, lens - 1]))
         trunk.commit(torch.arange(p, device=device).expand(b, p), lens)
-        mtp = None
+        mtp, tree = None, None
         if self.drafting:
             next_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
             next_tokens[rows, lens - 1] = first
-            mtp = self.drafter.prefill(hidden, next_tokens, lens, capacity + 1)
+            mtp_capacity = capacity + self.request.draft.max_depth + 2  # + the slots appended while drafting
+            mtp, tree = self.drafter.start(hidden, next_tokens, lens, mtp_capacity, first, trunk.lengths)
         stats = [GenerationStats() for _ in prompts]
         for s in stats:
             s.record_step(drafted=0, tree_depth=0, accepted=0, leaf_reached=True)
         return _Batch(seq_ids=rows.clone(), trunk=trunk, mtp=mtp, pending=first,
-                      generated=[[] for _ in prompts], stats=stats, done=[False] * b)
+                      generated=[[] for _ in prompts], stats=stats, next_tree=tree)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token from target logits [B, V] (argmax, or a sample)."""
@@ -124,24 +125,32 @@ class Engine:
         return sample(logits_to_probs(logits, self.request.sampling), self.generator)
 
     def _step(self, batch: _Batch):
-        """Draft, verify (one trunk forward over the whole tree), accept, commit."""
+        """Verify (one trunk forward over the whole tree), accept, commit, and draft the next tree."""
         t0 = time.perf_counter()
-        tree = self._draft(batch)
-        t1 = time.perf_counter()
+        tree = batch.next_tree if self.drafting else self._root_only(batch)
         hidden, logits = self._verify(batch, tree)
         acceptance = self._accept(tree, logits)
+        t1 = time.perf_counter()
+        emitted, counts, path_hidden = self._commit(batch, tree, hidden, acceptance)
         t2 = time.perf_counter()
-        emitted, counts = self._commit(batch, tree, hidden, acceptance)
+        if self.drafting and not self._length_reached_by_all(batch, counts):
+            batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
+                                                   batch.trunk.lengths)
         t3 = time.perf_counter()
-        self._record(batch, tree, acceptance, (t1 - t0, t2 - t1, t3 - t2))
+        self._record(batch, tree, acceptance, (t3 - t2, t1 - t0, t2 - t1))
         return acceptance, emitted, counts
 
-    def _draft(self, batch: _Batch) -> DraftTree:
-        if not self.drafting:
-            b = batch.pending.shape[0]
-            zeros = torch.zeros(b, 1, dtype=torch.long, device=batch.pending.device)
-            return DraftTree(tokens=batch.pending[:, None], parents=zeros - 1, depths=zeros)
-        return self.drafter.draft(batch.mtp, batch.pending, batch.trunk.lengths)
+    def _length_reached_by_all(self, batch: _Batch, counts: torch.Tensor) -> bool:
+        """Every live sequence ends at max_new_tokens with this step, so no next tree is needed."""
+        done = [len(batch.generated[seq]) + int(c) >= self.request.max_new_tokens
+                for seq, c in zip(batch.seq_ids.tolist(), counts.tolist())]
+        return all(done)
+
+    @staticmethod
+    def _root_only(batch: _Batch) -> DraftTree:
+        """Plain decoding: the tree is the pending token alone."""
+        zeros = torch.zeros(batch.pending.shape[0], 1, dtype=torch.long, device=batch.pending.device)
+        return DraftTree(tokens=batch.pending[:, None], parents=zeros - 1, depths=zeros)
 
     def _verify(self, batch: _Batch, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk forward over all n tree nodes at positions L + depth, each seeing the prefix and its ancestors."""
@@ -169,11 +178,9 @@ class Engine:
         emitted = torch.cat([path_tokens[:, 1:], acceptance.bonus[:, None]], dim=1)[:, :m]  # [B, m]
         rows = torch.arange(emitted.shape[0], device=emitted.device)
         emitted[rows, counts - 1] = acceptance.bonus
-        if self.drafting:
-            path_hidden = hidden.gather(1, path[:, :m, None].expand(-1, -1, hidden.shape[-1]))
-            self.drafter.commit(batch.mtp, path_hidden, emitted, counts)
+        path_hidden = hidden.gather(1, path[:, :m, None].expand(-1, -1, hidden.shape[-1]))
         batch.pending = acceptance.bonus
-        return emitted, counts
+        return emitted, counts, path_hidden
 
     def _record(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance, times) -> None:
         drafted = tree.tokens.shape[1] - 1
@@ -232,3 +239,4 @@ class Engine:
         batch.trunk.keep_rows(rows)
         if batch.mtp is not None:
             batch.mtp.keep_rows(rows)
+            batch.next_tree = batch.next_tree.select_rows(rows)

@@ -48,6 +48,12 @@ class DraftTree:
     def max_depth(self) -> int:
         return int(self.depths.max())
 
+    def select_rows(self, rows: torch.Tensor) -> "DraftTree":
+        """The same trees for the batch rows listed in rows only."""
+        probs = None if self.draft_probs is None else self.draft_probs[rows]
+        valid = None if self.valid is None else self.valid[rows]
+        return DraftTree(self.tokens[rows], self.parents[rows], self.depths[rows], probs, valid)
+
     def ancestor_mask(self) -> torch.Tensor:
         """[B, n, n] bool: [b, i, j] is True iff node j is node i or one of its ancestors."""
         batch, n = self.parents.shape
