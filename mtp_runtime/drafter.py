@@ -280,22 +280,22 @@ class _TreeGrowth:
         ranked = self._rank_children(probs, max_rank)  # [B, w, max_rank]
         if self.draft_probs is not None:
             self.draft_probs.scatter_(1, frontier[..., None].expand(-1, -1, probs.shape[-1]), probs)
-        new_nodes = []
-        for column, rank in plan:
-            node = self.count
-            parent = frontier[:, column]
-            token = ranked[:, column, rank]
-            q = probs[:, column].gather(1, token[:, None]).squeeze(1)
-            self.tokens[:, node] = token
-            self.parents[:, node] = parent
-            self.depths[node] = depth + 1
-            self.scores[:, node] = self.scores.gather(1, parent[:, None]).squeeze(1) + q.clamp_min(1e-30).log()
-            self.valid[:, node] = q > 0
-            self.anc[:, node] = self.anc.gather(1, parent[:, None, None].expand(-1, 1, self.anc.shape[2])).squeeze(1)
-            self.anc[:, node, node] = True
-            new_nodes.append(node)
-            self.count += 1
-        self.level_nodes[depth + 1] = new_nodes
+        device = self.tokens.device
+        columns = torch.tensor([c for c, _ in plan], dtype=torch.long, device=device)
+        ranks = torch.tensor([r for _, r in plan], dtype=torch.long, device=device)
+        nodes = torch.arange(self.count, self.count + len(plan), device=device)
+        tokens = ranked[:, columns, ranks]  # [B, c]
+        parents = frontier[:, columns]
+        q = probs[:, columns].gather(2, tokens[..., None]).squeeze(-1)  # [B, c] draft probability of each child
+        self.tokens[:, nodes] = tokens
+        self.parents[:, nodes] = parents
+        self.depths[nodes] = depth + 1
+        self.scores[:, nodes] = self.scores.gather(1, parents) + q.clamp_min(1e-30).log()
+        self.valid[:, nodes] = q > 0
+        self.anc[:, nodes] = self.anc.gather(1, parents[..., None].expand(-1, -1, self.anc.shape[2]))
+        self.anc[:, nodes, nodes] = True
+        self.level_nodes[depth + 1] = nodes.tolist()
+        self.count += len(plan)
 
     def _child_plan(self, depth: int, frontier: torch.Tensor) -> list[tuple[int, int]]:
         if self.params.mode == "dynamic":
