@@ -1,7 +1,7 @@
 """The `mtp-runtime` command line: generate, bench, info, their error handling, and the installed console script.
 
 Figures are checked on a tiny checkpoint whose drafts are mostly accepted (builders.build_mostly_right) with a
-byte-level tokenizer trained on a few strings; the real-model checks use `stand_in_model()`.
+byte-level tokenizer trained on a few strings; bench and info also run on the shipped default model.
 """
 
 from __future__ import annotations
@@ -24,19 +24,15 @@ from mtp_runtime.errors import GenerationSettingsError, MTPRuntimeError
 from mtp_runtime.stats import GenerationStats
 from mtp_runtime.train.corpus import train_tokenizer
 
-STAND_IN = Path("/tmp/tr1/model")
 SNIPPETS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
             "class Point:\n    def __init__(self, x, y):\n        self.x = x\n", "import os\nimport sys\n"]
 
 
-def stand_in_model() -> Path | None:
-    """The shipped default model once it exists, else the stand-in training output (None when neither does)."""
-    if (mtp_runtime.DEFAULT_MODEL / "config.json").is_file():
-        return mtp_runtime.DEFAULT_MODEL
-    return STAND_IN if (STAND_IN / "config.json").is_file() else None
+def shipped_model() -> Path:
+    """The shipped default model."""
+    return mtp_runtime.DEFAULT_MODEL
 
 
-needs_model = pytest.mark.skipif(stand_in_model() is None, reason="no trained model (shipped default or stand-in)")
 
 
 @pytest.fixture(scope="module")
@@ -291,10 +287,9 @@ def test_sweep_configurations():
         bench.sweep(["chain"], [0])
 
 
-@needs_model
 def test_bench_default_prompts_on_the_trained_model(tmp_path):
     out = tmp_path / "bench.json"
-    result = run("bench", "--model", stand_in_model(), "--num-prompts", 2, "--max-new-tokens", 4, "--draft", "chain",
+    result = run("bench", "--model", shipped_model(), "--num-prompts", 2, "--max-new-tokens", 4, "--draft", "chain",
                  "--json", out, "--threads", 1)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -396,9 +391,8 @@ def test_info_on_the_published_deepseek_v3_config(tmp_path):
     assert summary["cache_bytes_per_token"]["latent"] == 61 * (512 + 64) * 2
 
 
-@needs_model
 def test_info_on_the_trained_model():
-    result = run("info", stand_in_model())
+    result = run("info", shipped_model())
     assert result.exit_code == 0, result.output
     assert "MTP" in result.stdout.upper() and "tokenizer" in result.stdout
 

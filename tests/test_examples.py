@@ -12,22 +12,18 @@ import pytest
 import mtp_runtime
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-STAND_IN = Path("/tmp/tr1/model")
 
 
-def stand_in_model() -> Path | None:
-    """The shipped default model once it exists, else the stand-in training output (None when neither does)."""
-    if (mtp_runtime.DEFAULT_MODEL / "config.json").is_file():
-        return mtp_runtime.DEFAULT_MODEL
-    return STAND_IN if (STAND_IN / "config.json").is_file() else None
+def shipped_model() -> Path:
+    """The shipped default model."""
+    return mtp_runtime.DEFAULT_MODEL
 
 
-pytestmark = pytest.mark.skipif(stand_in_model() is None, reason="no trained model (shipped default or stand-in)")
 
 
 def run_example(name: str, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")  # one thread: the test machine may be shared
-    done = subprocess.run([sys.executable, str(EXAMPLES / name), str(stand_in_model()), *map(str, args)],
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), str(shipped_model()), *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
