@@ -9,6 +9,9 @@ from .sampling import SamplingParams
 from .verify.tree import StaticTreeShape, parse_tree_spec, tree_from_branching
 
 DRAFT_MODES = ("none", "chain", "tree", "dynamic")
+DEFAULT_DRAFT_MODE = "chain"
+DEFAULT_CHAIN_TOKENS = 1
+"""The fastest configuration measured on the shipped model (BENCHMARKS.md): one MTP token per step."""
 MAX_DRAFT_TOKENS = 256
 
 
@@ -36,7 +39,7 @@ class DraftParams:
         defaults = cls()
         n = defaults.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if mode == "chain" and num_draft_tokens is None:
-            n = 3
+            n = DEFAULT_CHAIN_TOKENS
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_TOKENS:
             raise GenerationSettingsError(
                 f"num_draft_tokens={n!r} is out of range; use an integer in 1..{MAX_DRAFT_TOKENS}")

@@ -105,7 +105,7 @@ def test_generate_streams_the_same_text_as_json(tiny):
     assert streamed.exit_code == 0, streamed.output
     out = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--ignore-eos")
     assert streamed.stdout == out["text"] + ("" if out["text"].endswith("\n") else "\n")
-    assert out["draft"] == "dynamic" and out["finish_reason"] == "length"
+    assert out["draft"] == "chain" and out["finish_reason"] == "length"
     assert len(out["token_ids"]) == out["stats"]["new_tokens"] == 12
     assert out["prompt_token_ids"] == mtp_runtime.load(tiny).encode("def add(a, b):")
 
@@ -282,7 +282,7 @@ def test_sweep_configurations():
     configs = bench.sweep(["chain", "dynamic", "chain"], [1, 2], depth=3, topk=2)
     assert [c.name for c in configs] == ["plain", "chain k=1", "chain k=2", "dynamic n=1 d=3 k=2",
                                          "dynamic n=2 d=3 k=2"]
-    assert [c.name for c in bench.sweep()] == ["plain", "chain k=3", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    assert [c.name for c in bench.sweep()] == ["plain", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
     with pytest.raises(GenerationSettingsError):
         bench.sweep(["chain"], [0])
 

@@ -23,7 +23,7 @@ from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, mod
               help="Draft mode to benchmark, repeatable (see `generate --help`); plain decoding always runs "
                    "as the baseline.  [default: chain, tree, dynamic]")
 @click.option("--num-draft-tokens", default=None, metavar="N[,N...]",
-              help="Sweep, comma-separated: chain tokens per step and dynamic node budgets.  [default: chain 3, "
+              help="Sweep, comma-separated: chain tokens per step and dynamic node budgets.  [default: chain 1, "
                    "dynamic 8]")
 @click.option("--tree", "trees", multiple=True, help="Shape for --draft tree, repeatable to sweep: " + TREE_SPEC)
 @click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import MTPRuntimeError
+from ..params import DEFAULT_DRAFT_MODE
 from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load_runtime, model_options,
                      sampling_options)
 
@@ -22,9 +23,9 @@ from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load
 @sampling_options
 @click.option("--seed", type=int, default=None, show_default="random", help="Seed of the sampling generator.")
 @click.option("--draft", default=None, metavar="[none|chain|tree|dynamic]",
-              show_default="dynamic if the model has MTP modules, else none", help=DRAFT_HELP)
+              show_default="chain (1 token per step) if the model has MTP modules, else none", help=DRAFT_HELP)
 @click.option("--num-draft-tokens", type=int, default=None,
-              help="chain: tokens drafted per step (default 3); dynamic: draft nodes kept per step (default 8).")
+              help="chain: tokens drafted per step (default 1); dynamic: draft nodes kept per step (default 8).")
 @click.option("--tree", default=None, help="Static tree shape (implies --draft tree): " + TREE_SPEC)
 @click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
 @click.option("--topk", type=int, default=None,
@@ -86,7 +87,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 def _print_json(runtime, text: str, kwargs: dict):
     """Generate, then print the result (and the draft mode that ran) as one JSON object."""
     result = runtime.generate(text, **kwargs)
-    mode = kwargs["draft"] or ("dynamic" if runtime.num_mtp_modules else "none")
+    mode = kwargs["draft"] or (DEFAULT_DRAFT_MODE if runtime.num_mtp_modules else "none")
     click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
                            "prompt_token_ids": result.prompt_token_ids, "finish_reason": result.finish_reason,
                            "draft": mode, "stats": result.stats.to_dict()}))
