@@ -99,7 +99,8 @@ def test_speculative_greedy_is_lossless_with_random_drafters(hf_case, tmp_path, 
     dst = copy_folder(folder, tmp_path / "mtp")
     add_mtp_layers(dst, num_layers, seed=13, own_head=num_layers == 2)
     prompt = prompt_for(model, seed=5)
-    ours = mtp_runtime.load(dst).generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, draft=draft, num_draft_tokens=DEPTH[draft]).token_ids
+    rt = mtp_runtime.load(dst)
+    ours = rt.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, draft=draft, num_draft_tokens=DEPTH[draft]).token_ids
     assert list(ours) == hf_greedy(model, prompt, NEW_TOKENS)
 
 
@@ -111,7 +112,8 @@ def test_speculative_greedy_is_lossless_when_drafts_partly_accepted(drafter_case
     histogram = {}
     for seed in (5, 6):
         prompt = prompt_for(model, seed=seed)
-        result = rt.generate(input_ids=prompt, max_new_tokens=2 * NEW_TOKENS, draft=draft, num_draft_tokens=DEPTH[draft])
+        result = rt.generate(input_ids=prompt, max_new_tokens=2 * NEW_TOKENS, draft=draft,
+                             num_draft_tokens=DEPTH[draft])
         assert list(result.token_ids) == hf_greedy(model, prompt, 2 * NEW_TOKENS)
         for length, count in result.stats.accepted_length_histogram.items():
             histogram[length] = histogram.get(length, 0) + count
@@ -122,7 +124,8 @@ def test_speculative_greedy_is_lossless_when_drafts_partly_accepted(drafter_case
 def test_drafts_that_agree_with_the_trunk_are_all_accepted(drafter_case, draft):
     model, folder = drafter_case(0.0, 2)
     prompt = prompt_for(model, seed=5)
-    result = mtp_runtime.load(folder).generate(input_ids=prompt, max_new_tokens=2 * NEW_TOKENS, draft=draft, num_draft_tokens=DEPTH[draft])
+    rt = mtp_runtime.load(folder)
+    result = rt.generate(input_ids=prompt, max_new_tokens=2 * NEW_TOKENS, draft=draft, num_draft_tokens=DEPTH[draft])
     assert list(result.token_ids) == hf_greedy(model, prompt, 2 * NEW_TOKENS)
     assert 0 not in result.stats.accepted_length_histogram
     assert result.stats.mean_accepted_length > 2.0
