@@ -101,7 +101,7 @@ class Engine:
         trunk = LatentCache(cfg.num_hidden_layers, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
         positions = torch.arange(p, device=device).expand(b, p)
         plan = AttentionPlan.over_cache(trunk, positions, causal_visibility(b, p, positions, 0),
-                                        impl=attention_impl(p))
+                                        impl=attention_impl(p), causal_only=True)
         hidden = self.model.forward_trunk(ids, plan)
         rows = torch.arange(b, device=device)
         first = self._pick(self.model.logits(hidden[rows, lens - 1]))

@@ -48,12 +48,13 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint interval (steps); rerun to resume.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (and export) after this much wall time.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda to train on a GPU.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--arch", "arch", multiple=True, metavar="KEY=VALUE",
               help="Override an architecture field of the default shape (repeatable), e.g. --arch hidden_size=128.")
 @friendly_errors
 def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, num_mtp, mtp_weight,
-          mtp_weight_late, mtp_only, init, distill, eval_every, save_every, max_minutes, threads, seed, arch):
+          mtp_weight_late, mtp_only, init, distill, eval_every, save_every, max_minutes, threads, device, seed, arch):
     """Train a small DeepSeek-V3-shaped model with MTP modules (or only MTP modules) on CORPUS.
 
     CORPUS: text files or folders (default: the running interpreter's standard-library Python sources).
@@ -61,6 +62,7 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
     """
     import torch
 
+    from ..runtime import resolve_device
     from ..train.trainer import Trainer, TrainSettings
 
     if threads:
@@ -69,6 +71,7 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
         out_dir=out_dir, corpus=list(corpus), steps=steps, batch_size=batch_size, context=context, lr=lr,
         warmup=warmup, vocab_size=vocab_size, num_mtp=num_mtp, mtp_weight=mtp_weight,
         mtp_weight_late=mtp_weight_late, mtp_only=mtp_only, init=init, distill=distill, eval_every=eval_every,
-        save_every=save_every, max_minutes=max_minutes, seed=seed, arch_overrides=parse_arch(arch))
+        save_every=save_every, max_minutes=max_minutes, seed=seed, arch_overrides=parse_arch(arch),
+        device=str(resolve_device(device)))
     folder = Trainer(settings).train()
     click.echo(f"model written to {folder}")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .flash import flash_available, flash_causal
 from .plan import AttentionPlan
 from .rope import Rotary
 
@@ -50,7 +51,7 @@ class MLA(nn.Module):
             mask = plan.mask
             c_kv, k_pe = plan.cache.read(self.layer_idx, mask.shape[-1])
         if plan.impl == "expanded":
-            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask, plan.causal_only)
         else:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.v_dim))
@@ -83,13 +84,16 @@ class MLA(nn.Module):
         out_lat = torch.einsum("bhns,bsr->bnhr", probs, c_kv)
         return torch.einsum("bnhr,hvr->bnhv", out_lat, w_uv)  # [B, n, heads, dv]
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Decompress K/V with kv_b_proj and run ordinary attention (SDPA)."""
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal_only: bool = False):
+        """Decompress K/V with kv_b_proj and run ordinary attention (flash-attn for causal prefill on CUDA
+        when installed, SDPA otherwise)."""
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, s, self.num_heads, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if causal_only and flash_available(q):
+            return flash_causal(q, k, v, self.scale)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale)
         return out.transpose(1, 2)  # [B, n, heads, dv]

@@ -27,16 +27,19 @@ class AttentionPlan:
     """[B, n, S] bool, True where query i may attend to cache slot j."""
     impl: str = "absorbed"
     """'absorbed' (attention over the latent, W_UK folded into q) or 'expanded' (decompressed K/V)."""
+    causal_only: bool = False
+    """The mask is exactly causal over the new tokens and nothing precedes them (training, a prefill into an
+    empty cache), so causal-only kernels such as flash-attn may serve it."""
 
     @classmethod
     def causal(cls, batch_size: int, length: int, device: torch.device | str = "cpu") -> "AttentionPlan":
         """Cache-free causal plan over positions 0..length-1."""
         positions = torch.arange(length, device=device).expand(batch_size, length)
-        return cls(positions=positions, impl="expanded")
+        return cls(positions=positions, impl="expanded", causal_only=True)
 
     @classmethod
     def over_cache(cls, cache: LatentCache, positions: torch.Tensor, scratch_visible: torch.Tensor,
-                   start: int = 0, impl: str = "absorbed") -> "AttentionPlan":
+                   start: int = 0, impl: str = "absorbed", causal_only: bool = False) -> "AttentionPlan":
         """Plan for n new entries appended after `m - n` earlier uncommitted (scratch) entries.
 
         scratch_visible [B, n, m]: query i may see scratch entry j (slot lengths + j); the n new entries are
@@ -51,4 +54,4 @@ class AttentionPlan:
         mask = committed[:, None, :].expand(b, n, total).clone()
         scratch_slots = (lengths[:, None, None] + torch.arange(m, device=lengths.device)).expand(b, n, m)
         mask.scatter_(2, scratch_slots, scratch_visible)
-        return cls(positions=positions, cache=cache, slots=slots, mask=mask, impl=impl)
+        return cls(positions=positions, cache=cache, slots=slots, mask=mask, impl=impl, causal_only=causal_only)

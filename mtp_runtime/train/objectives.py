@@ -45,7 +45,7 @@ def window_losses(model: DeepseekForCausalLM, window: torch.Tensor, context: int
     positions = torch.arange(context, device=window.device).expand(b, context)
     for k in range(depth):
         tokens = window[:, k + 1: k + 1 + context]
-        plan = AttentionPlan(positions=positions + k + 1, impl="expanded")
+        plan = AttentionPlan(positions=positions + k + 1, impl="expanded", causal_only=True)
         prev = model.forward_mtp(k, prev, tokens, plan)
         logits = model.mtp_logits(k, prev)
         if distill:

@@ -70,6 +70,8 @@ class TrainSettings:
     max_minutes: float | None = None
     bias_update_speed: float = 1e-3
     save_dtype: str = "bfloat16"
+    device: str = "cpu"
+    """Where to train: cpu, or cuda when a GPU is available."""
     arch_overrides: dict = field(default_factory=dict)
     """config.json fields replacing default_architecture()'s (e.g. {"hidden_size": 64})."""
 
@@ -104,6 +106,8 @@ class Trainer:
         torch.manual_seed(settings.seed)
         self.tokenizer, self.train_ids, self.held_ids = self._prepare_data()
         self.model, self.raw_config = self._build_model()
+        self.model.to(settings.device)
+        self.model.rotary.to(settings.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -171,7 +175,7 @@ class Trainer:
         state_file = self.out / "train_state.pt"
         if not state_file.is_file():
             return
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=False, map_location=self.s.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
@@ -196,7 +200,8 @@ class Trainer:
         """count random windows of context + D + 1 tokens."""
         length = self.s.context + self.s.num_mtp + 1
         starts = rng.integers(0, len(ids) - length, size=count)
-        return torch.from_numpy(np.stack([ids[i: i + length].astype(np.int64) for i in starts]))
+        windows = torch.from_numpy(np.stack([ids[i: i + length].astype(np.int64) for i in starts]))
+        return windows.to(self.s.device)
 
     def train(self) -> Path:
         """Run until `steps` (or max_minutes), evaluating and checkpointing; then export the HF folder."""
@@ -263,7 +268,7 @@ class Trainer:
         """Write the HF DeepSeek-V3 folder: config.json, model.safetensors (MTP at layers N..N+D-1), tokenizer."""
         folder = self.out / "model"
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.s.save_dtype]
-        state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
+        state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v).cpu()
                  for k, v in self.model.state_dict().items()}
         config = ModelConfig.from_dict(self.raw_config).to_hf_dict()
         config["torch_dtype"] = self.s.save_dtype
