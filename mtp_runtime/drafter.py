@@ -102,7 +102,8 @@ class _ModuleScratch:
 
 
 class Drafter:
-    """Runs the MTP modules: cache prefill and commit, and one draft tree per step."""
+    """Runs the MTP modules: `start` fills their caches from the prompt, `advance` appends each step's
+    accepted slots; both draft the next tree in the same forwards."""
 
     def __init__(self, model: DeepseekForCausalLM, draft: DraftParams, sampling: SamplingParams,
                  generator: torch.Generator | None):

@@ -75,7 +75,7 @@ class Engine:
             yield self._emit(batch, batch.pending[:, None], torch.ones_like(batch.pending), start)
             while batch.seq_ids.numel():
                 step_start = time.perf_counter()
-                accepted, emitted, counts = self._step(batch)
+                emitted, counts = self._step(batch)
                 yield self._emit(batch, emitted, counts, step_start)
 
     def _capacity(self, prompts: list[list[int]]) -> int:
@@ -131,14 +131,16 @@ class Engine:
         hidden, logits = self._verify(batch, tree)
         acceptance = self._accept(tree, logits)
         t1 = time.perf_counter()
-        emitted, counts, path_hidden = self._commit(batch, tree, hidden, acceptance)
+        emitted, counts = self._commit(batch, tree, acceptance)
         t2 = time.perf_counter()
         if self.drafting and not self._length_reached_by_all(batch, counts):
+            path = acceptance.path[:, : emitted.shape[1]].clamp_min(0)  # root + accepted nodes, padded
+            path_hidden = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))
             batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
                                                    batch.trunk.lengths)
         t3 = time.perf_counter()
         self._record(batch, tree, acceptance, (t3 - t2, t1 - t0, t2 - t1))
-        return acceptance, emitted, counts
+        return emitted, counts
 
     def _length_reached_by_all(self, batch: _Batch, counts: torch.Tensor) -> bool:
         """Every live sequence ends at max_new_tokens with this step, so no next tree is needed."""
@@ -168,7 +170,7 @@ class Engine:
             return accept_typical(tree, probs, request.typical_threshold, request.typical_alpha, self.generator)
         return accept_sampling(tree, probs, self.generator)
 
-    def _commit(self, batch: _Batch, tree: DraftTree, hidden: torch.Tensor, acceptance: Acceptance):
+    def _commit(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance):
         """Keep the accepted path's cache entries; the bonus token becomes the next pending token."""
         counts = acceptance.num_accepted + 1  # root + accepted drafts enter the trunk cache
         path = acceptance.path.clamp_min(0)
@@ -178,9 +180,8 @@ class Engine:
         emitted = torch.cat([path_tokens[:, 1:], acceptance.bonus[:, None]], dim=1)[:, :m]  # [B, m]
         rows = torch.arange(emitted.shape[0], device=emitted.device)
         emitted[rows, counts - 1] = acceptance.bonus
-        path_hidden = hidden.gather(1, path[:, :m, None].expand(-1, -1, hidden.shape[-1]))
         batch.pending = acceptance.bonus
-        return emitted, counts, path_hidden
+        return emitted, counts
 
     def _record(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance, times) -> None:
         drafted = tree.tokens.shape[1] - 1

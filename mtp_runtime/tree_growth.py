@@ -33,6 +33,7 @@ class TreeGrowth:
         self.draft_probs = None if sampling.greedy else torch.zeros(b, cap, vocab_size, device=device)
         self.level_nodes: dict[int, list[int]] = {0: [0]}
         self.static_parents = set(params.shape.parents) if params.shape is not None else set()
+        self.frontiers: dict[int, torch.Tensor] = {}  # a level never changes once built, nor its frontier
 
     def ancestors(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[B, u, c]: key node is an ancestor-or-self of query node."""
@@ -41,6 +42,11 @@ class TreeGrowth:
 
     def frontier(self, depth: int) -> torch.Tensor:
         """[B, w] the nodes of `depth` that get children (static: by shape; dynamic: best w by score)."""
+        if depth not in self.frontiers:
+            self.frontiers[depth] = self._select_frontier(depth)
+        return self.frontiers[depth]
+
+    def _select_frontier(self, depth: int) -> torch.Tensor:
         level = torch.tensor(self.level_nodes.get(depth, []), dtype=torch.long, device=self.tokens.device)
         b = self.tokens.shape[0]
         if self.params.mode == "dynamic":
