@@ -25,6 +25,7 @@ import torch
 from .cache import LatentCache
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
+from .numerics import ensure_finite
 from .params import DraftParams
 from .sampling import SamplingParams
 from .tree_growth import TreeGrowth
@@ -155,6 +156,7 @@ class Drafter:
         frontier = torch.zeros(roots.shape[0], 1, dtype=torch.long, device=roots.device)
         frontier_logits = self.model.mtp_logits(0, append.stash(0))[:, None]  # [B, 1, V]
         for depth in range(1, self.draft_params.max_depth + 1):
+            self._ensure_finite(frontier_logits, depth)
             growth.expand(depth - 1, frontier, frontier_logits)
             if depth == self.draft_params.max_depth:
                 break
@@ -163,6 +165,10 @@ class Drafter:
                 break
             frontier_logits = self._frontier_logits(state, growth, scratch, append, depth + 1, trunk_lengths)
         return growth.finish()
+
+    def _ensure_finite(self, logits: torch.Tensor, depth: int) -> None:
+        n, k = self.model.config.num_hidden_layers, min(depth, self.num_modules) - 1
+        ensure_finite(logits, f"MTP module {k + 1} (checkpoint layer model.layers.{n + k})")
 
     def _ensure_appended(self, state, append, scratch, k, trunk_lengths) -> None:
         """Run module k over its new slots alone if no draft forward has carried them yet."""

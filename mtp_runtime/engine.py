@@ -17,6 +17,7 @@ from .drafter import Drafter, MTPState, attention_impl, causal_visibility
 from .errors import CacheCapacityError, NoMTPModulesError
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
+from .numerics import ensure_finite, first_nonfinite_module
 from .params import GenerationRequest
 from .sampling import logits_to_probs, sample
 from .stats import GenerationStats
@@ -52,8 +53,9 @@ class Engine:
     """Runs one generate request over a batch of token-id prompts."""
 
     def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
-                 stop_checker: StopChecker | None = None):
+                 stop_checker: StopChecker | None = None, flash_prefill: bool = True):
         self.model = model
+        self.flash_prefill = flash_prefill  # False keeps the prefill on SDPA even where flash-attn could run
         self.request = request
         self.stop_checker = stop_checker
         seed = request.sampling.seed
@@ -101,10 +103,12 @@ class Engine:
         trunk = LatentCache(cfg.num_hidden_layers, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
         positions = torch.arange(p, device=device).expand(b, p)
         plan = AttentionPlan.over_cache(trunk, positions, causal_visibility(b, p, positions, 0),
-                                        impl=attention_impl(p), causal_only=True)
+                                        impl=attention_impl(p), causal_only=self.flash_prefill)
         hidden = self.model.forward_trunk(ids, plan)
         rows = torch.arange(b, device=device)
-        first = self._pick(self.model.logits(hidden[rows, lens - 1]))
+        logits = self.model.logits(hidden[rows, lens - 1])
+        self._ensure_finite(logits, ids, plan)
+        first = self._pick(logits)
         trunk.commit(torch.arange(p, device=device).expand(b, p), lens)
         mtp, tree = None, None
         if self.drafting:
@@ -159,7 +163,15 @@ class Engine:
         positions = batch.trunk.lengths[:, None] + tree.depths
         plan = AttentionPlan.over_cache(batch.trunk, positions, tree.ancestor_mask())
         hidden = self.model.forward_trunk(tree.tokens, plan)
-        return hidden, self.model.logits(hidden)
+        logits = self.model.logits(hidden)
+        self._ensure_finite(logits, tree.tokens, plan)
+        return hidden, logits
+
+    def _ensure_finite(self, logits: torch.Tensor, ids: torch.Tensor, plan: AttentionPlan) -> None:
+        """NaN/Inf in trunk logits is an error naming the first module that produced it (found by re-running the
+        forward, which rewrites the same uncommitted cache slots)."""
+        ensure_finite(logits, "trunk", lambda: first_nonfinite_module(
+            self.model, lambda: self.model.forward_trunk(ids, plan)))
 
     def _accept(self, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
         request = self.request

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .errors import GenerationSettingsError
 from .sampling import SamplingParams
-from .verify.tree import StaticTreeShape, parse_tree_spec, tree_from_branching
+from .verify.tree import MAX_TREE_DEPTH, StaticTreeShape, parse_tree_spec, tree_from_branching
 
 DRAFT_MODES = ("none", "chain", "tree", "dynamic")
 DEFAULT_DRAFT_MODE = "chain"
@@ -43,6 +44,9 @@ class DraftParams:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_TOKENS:
             raise GenerationSettingsError(
                 f"num_draft_tokens={n!r} is out of range; use an integer in 1..{MAX_DRAFT_TOKENS}")
+        if mode == "chain" and n > MAX_TREE_DEPTH:
+            raise GenerationSettingsError(
+                f"num_draft_tokens={n} is out of range for a chain (one token per depth); use 1..{MAX_TREE_DEPTH}")
         shape = None
         if mode == "tree":
             shape = tree if isinstance(tree, StaticTreeShape) else parse_tree_spec(tree if tree is not None else "3,2,1")
@@ -55,9 +59,9 @@ class DraftParams:
                 raise GenerationSettingsError(f"{name}={value!r} is out of range; use an integer in 1..16")
         return cls(mode=mode, num_draft_tokens=n, tree=shape, depth=depth, topk=topk)
 
-    @property
+    @functools.cached_property
     def shape(self) -> StaticTreeShape | None:
-        """The static shape drafted each step (chain = width-one tree); None for dynamic and none."""
+        """The static shape drafted each step (chain = width-one tree); None for dynamic and none. Built once."""
         if self.mode == "chain":
             return tree_from_branching([1] * self.num_draft_tokens)
         return self.tree if self.mode == "tree" else None

@@ -11,8 +11,9 @@ import torch
 from .checkpoint import CheckpointFiles, load_state_dict, weight_block_size
 from .config import ModelConfig
 from .engine import Engine
-from .errors import DeviceError, GenerationSettingsError, TokenizerError
+from .errors import ConfigError, DeviceError, GenerationSettingsError, TokenizerError
 from .model import DeepseekForCausalLM
+from .model.flash import flash_attn_func
 from .model.plan import AttentionPlan
 from .params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
 from .sampling import SamplingParams
@@ -76,22 +77,49 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+ATTENTION_CHOICES = ("auto", "flash", "sdpa")
+
+
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Check the prefill attention kernel: auto (flash-attn where it can run, else SDPA), flash (required), sdpa."""
+    if attention not in ATTENTION_CHOICES:
+        raise DeviceError(f"attention {attention!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}")
+    if attention != "flash":
+        return attention
+    if flash_attn_func is None:
+        raise DeviceError("flash-attn was requested but is not installed; install the gpu extra "
+                          "(pip install 'mtp-runtime[gpu]', needs CUDA) or use --attention auto")
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        raise DeviceError(f"flash-attn needs a CUDA device and bfloat16/float16, not {device.type}/"
+                          f"{str(dtype).removeprefix('torch.')}; use --attention auto or sdpa")
+    return attention
+
+
 class Runtime:
     """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
 
-    def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None):
+    def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
+                 attention: str = "auto"):
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.path = path
+        self.attention = attention
+        """Prefill attention kernel: 'auto', 'flash' or 'sdpa' (see resolve_attention)."""
 
     @classmethod
-    def from_folder(cls, path: str | Path, device=None, dtype=None) -> "Runtime":
+    def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto") -> "Runtime":
         """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json."""
         path = Path(path)
-        config = ModelConfig.from_file(path / "config.json") if path.is_dir() else ModelConfig.from_file(path)
+        if not path.exists():
+            raise ConfigError(f"model folder {path} does not exist; pass a folder holding an HF config.json")
+        if not path.is_dir():
+            raise ConfigError(f"model path {path} is a file, not a folder; pass the folder that holds config.json "
+                              f"and the *.safetensors files")
+        config = ModelConfig.from_file(path / "config.json")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        attention = resolve_attention(attention, device, dtype)
         files = CheckpointFiles(path)
         n = config.num_hidden_layers
         num_mtp = files.mtp_layer_count(n)
@@ -107,7 +135,7 @@ class Runtime:
                                 block_size=weight_block_size(raw_config))
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.to(device)
-        return cls(model, load_tokenizer(path), path)
+        return cls(model, load_tokenizer(path), path, attention)
 
     @property
     def device(self) -> torch.device:
@@ -170,7 +198,7 @@ class Runtime:
         """The one loop behind both streaming and non-streaming generation."""
         texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
         stops = StopStrings(texts) if request.stop_strings else None
-        engine = Engine(self.model, request, stops)
+        engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa")
         finish = ["length"] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
         for step in engine.run(prompts):
@@ -233,4 +261,4 @@ def _as_batch(input_ids) -> torch.Tensor:
 def _raw_config(path: Path) -> dict:
     import json
 
-    return json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else {}
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))

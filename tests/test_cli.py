@@ -248,6 +248,46 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_batch_sizes(tiny, tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n\n".join(SNIPPETS[:3]), encoding="utf-8")
+    out = tmp_path / "batch.json"
+    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
+                 "--num-draft-tokens", "2", "--batch-sizes", "1,4", "--json", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    points = json.loads(out.read_text())["points"]
+    assert [(p["config"], p["batch_size"]) for p in points] == [
+        ("plain", 1), ("chain k=2", 1), ("plain", 4), ("chain k=2", 4)]
+    for p in points:
+        assert p["new_tokens"] == 6 * p["batch_size"]
+        assert p["tokens_per_second"] == pytest.approx(p["new_tokens"] / p["wall_s"])
+        plain = next(q for q in points if q["config"] == "plain" and q["batch_size"] == p["batch_size"])
+        assert p["speedup"] == pytest.approx(p["tokens_per_second"] / plain["tokens_per_second"])
+    assert points[0]["tok_per_forward"] == 1.0 and points[3]["tok_per_forward"] > 1.2
+    assert "batched throughput" in result.stdout
+    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "4,x"), "--batch-sizes")
+    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "0"), "--batch-sizes")
+
+
+def test_bench_soak_reports_rss(tiny, tmp_path):
+    out = tmp_path / "soak.json"
+    result = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--max-new-tokens", 4,
+                 "--draft", "chain", "--soak", 12, "--json", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["calls"] == 12 and [done for done, _ in report["rss_mb"]][-1] == 12
+    assert all(mb > 10 for _, mb in report["rss_mb"]) and report["peak_rss_mb"] >= max(mb for _, mb in report["rss_mb"])
+    # call 10 fills the cache to the maximum positions (512); call 5 and 10's neighbours are short
+    assert report["new_tokens"] > 512 - 20
+    assert_one_line_error(run("bench", "--model", tiny, "--soak", 0), "--soak")
+
+
+def _prompt_file(tmp_path: Path) -> Path:
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n\n".join(SNIPPETS[:2]), encoding="utf-8")
+    return file
+
+
 def test_bench_plot_without_matplotlib_is_explained(tiny, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert_one_line_error(run("bench", "--model", tiny, "--plot", tmp_path / "x.png"), "pip install")

@@ -39,10 +39,18 @@ from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, mod
 @click.option("--compare-hf", is_flag=True,
               help="Also time transformers' generate on the same weights and prompts: greedy, prompt lookup (3 "
                    "tokens) and its MTP mode, and check their greedy ids against ours.")
+@click.option("--batch-sizes", default=None, metavar="B[,B...]",
+              help="Instead of per-prompt timing, measure batched throughput: one generate call over B prompts per "
+                   "configuration and batch size (e.g. 1,4,16,64), tokens/s and speedup over plain decoding.")
+@click.option("--soak", type=int, default=None, metavar="CALLS",
+              help="Instead of timing, make CALLS generate calls on one runtime (cycling plain decoding and the "
+                   "configurations; every 10th fills the cache to the model's maximum positions, every 5th is a "
+                   "stream abandoned after one chunk) and report resident memory (RSS) as they go.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @friendly_errors
-def bench(model, device, dtype, threads, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens, trees,
-          depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf, progress):
+def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens,
+          trees, depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf,
+          batch_sizes, soak, progress):
     """Measure MTP draft acceptance and speedup over plain decoding, on the same prompts in one run.
 
     Plain decoding and every configuration run on the same prompts, interleaved, each after one untimed
@@ -73,7 +81,17 @@ def bench(model, device, dtype, threads, prompts_file, num_prompts, max_new_toke
                               depth, topk)
     check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                 num_draft_tokens=None, tree=None, depth=None, topk=None), ())
-    runtime = load_runtime(model, device, dtype, threads)
+    if soak is not None and soak < 1:
+        raise GenerationSettingsError(f"--soak={soak} must be at least 1 call")
+    runtime = load_runtime(model, device, dtype, threads, attention)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if batch_sizes is not None:
+        _batch_sweep(runtime, prompts_file, num_prompts, configs, _int_list(batch_sizes, "--batch-sizes"),
+                     max_new_tokens, sampling, json_file, progress)
+        return
+    if soak is not None:
+        _soak(runtime, prompts_file, num_prompts, configs, soak, max_new_tokens, sampling, json_file, progress)
+        return
     report = bench_mod.run_bench(runtime, _prompts(runtime, prompts_file, num_prompts), configs,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed, ignore_eos=ignore_eos, progress=progress)
@@ -87,7 +105,31 @@ def bench(model, device, dtype, threads, prompts_file, num_prompts, max_new_toke
         click.echo(f"plot written to {plot_file}", err=True)
 
 
-def _int_list(value: str | None) -> list[int] | None:
+def _batch_sweep(runtime, prompts_file, num_prompts, configs, batch_sizes, max_new_tokens, sampling, json_file,
+                 progress) -> None:
+    from ..bench.batch import run_batch_sweep
+
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise GenerationSettingsError(f"--batch-sizes {batch_sizes} must list positive integers, e.g. 1,4,16,64")
+    ids = [runtime.encode(p) for p in _prompts(runtime, prompts_file, num_prompts)]
+    report = run_batch_sweep(runtime, ids, configs, batch_sizes, max_new_tokens, sampling, progress)
+    click.echo(report.format())
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _soak(runtime, prompts_file, num_prompts, configs, calls, max_new_tokens, sampling, json_file, progress) -> None:
+    from ..bench.configs import DraftConfig
+    from ..bench.soak import run_soak
+
+    ids = [runtime.encode(p) for p in _prompts(runtime, prompts_file, num_prompts)]
+    report = run_soak(runtime, ids, [DraftConfig("none"), *configs], calls, max_new_tokens, sampling, progress)
+    click.echo(report.format())
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _int_list(value: str | None, option: str = "--num-draft-tokens") -> list[int] | None:
     """'1,2,3' as [1, 2, 3] (None stays None)."""
     if value is None:
         return None
@@ -95,7 +137,7 @@ def _int_list(value: str | None) -> list[int] | None:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise GenerationSettingsError(
-            f"--num-draft-tokens {value!r} is invalid: expected integers separated by commas, e.g. 1,2,3") from None
+            f"{option} {value!r} is invalid: expected integers separated by commas, e.g. 1,2,3") from None
 
 
 def _check_outputs(json_file: Path | None, plot_file: Path | None) -> None:

@@ -52,8 +52,11 @@ model_options = _options(
     click.option("--dtype", default=None, show_default="bfloat16 on cuda, float32 on cpu",
                  help="Weights and activations: float32, bfloat16 or float16."),
     click.option("--threads", type=int, default=None, show_default="torch's choice", help="torch CPU threads."),
+    click.option("--attention", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True,
+                 help="Prefill attention kernel: flash-attn where installed and usable (CUDA, bf16/fp16) else SDPA; "
+                      "'flash' makes a missing flash-attn an error."),
 )
-"""--model, --device, --dtype, --threads."""
+"""--model, --device, --dtype, --threads, --attention."""
 
 sampling_options = _options(
     click.option("--temperature", type=float, default=0.0, show_default=True,
@@ -66,7 +69,8 @@ sampling_options = _options(
 """--temperature, --top-k, --top-p (transformers' generate names)."""
 
 
-def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None):
+def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None,
+                 attention: str = "auto"):
     """The Runtime for --model (or the shipped model), with a clear error for a missing folder."""
     import mtp_runtime
 
@@ -76,9 +80,7 @@ def load_runtime(model: Path | None, device: str | None, dtype: str | None, thre
         import torch
 
         torch.set_num_threads(threads)
-    if model is not None and not model.exists():
-        raise MTPRuntimeError(f"model folder {model} does not exist; pass a folder holding an HF config.json")
-    return mtp_runtime.load(model, device=device, dtype=dtype)
+    return mtp_runtime.load(model, device=device, dtype=dtype, attention=attention)
 
 
 def check_request(max_new_tokens: int, draft: str | None, kwargs: dict, stop: tuple[str, ...]) -> None:

@@ -37,8 +37,8 @@ from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load
               help="Print one JSON object (text, token_ids, prompt_token_ids, finish_reason, stats) instead of "
                    "streaming text.")
 @friendly_errors
-def generate(prompt, prompt_file, model, device, dtype, threads, max_new_tokens, temperature, top_k, top_p, seed,
-             draft, num_draft_tokens, tree, depth, topk, stop, ignore_eos, stats, json_out):
+def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_new_tokens, temperature, top_k, top_p,
+             seed, draft, num_draft_tokens, tree, depth, topk, stop, ignore_eos, stats, json_out):
     """Generate a continuation of PROMPT, streaming text to stdout as drafted tokens are accepted.
 
     The prompt comes from PROMPT, --prompt-file, or stdin (when neither is given). Greedy output is the same
@@ -53,7 +53,7 @@ def generate(prompt, prompt_file, model, device, dtype, threads, max_new_tokens,
                   tree=tree, depth=depth, topk=topk)
     check_request(max_new_tokens, draft, kwargs, tuple(stop))
     try:
-        runtime = load_runtime(model, device, dtype, threads)
+        runtime = load_runtime(model, device, dtype, threads, attention)
         kwargs.update(draft=draft, max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos)
         result = (_print_json if json_out else _stream_text)(runtime, text, kwargs)
     except KeyboardInterrupt:

@@ -75,14 +75,17 @@ class MLA(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim:]  # W_UK [heads, dn, R], W_UV [heads, dv, R]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """MQA over the shared latent: score = (q_nope W_UK) . c_kv + q_pe . k_pe."""
+        """MQA over the shared latent: score = (q_nope W_UK) . c_kv + q_pe . k_pe. Every head's query is a row of
+        one batched matmul against the latent, so the cache is read once per sequence, not once per head."""
+        b, n, h, _ = q_nope.shape
         w_uk, w_uv = self._split_kv_b()
-        q_lat = torch.einsum("bnhd,hdr->bnhr", q_nope, w_uk)  # [B, n, heads, R]
-        scores = torch.einsum("bnhr,bsr->bhns", q_lat, c_kv) + torch.einsum("bnhd,bsd->bhns", q_pe, k_pe)
-        scores = (scores * self.scale).float().masked_fill(~mask[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, heads, n, S]
-        out_lat = torch.einsum("bhns,bsr->bnhr", probs, c_kv)
-        return torch.einsum("bnhr,hvr->bnhv", out_lat, w_uv)  # [B, n, heads, dv]
+        q_lat = (q_nope.transpose(1, 2) @ w_uk).transpose(1, 2).reshape(b, n * h, -1)  # [B, n * heads, R]
+        q_rope = q_pe.reshape(b, n * h, -1)  # [B, n * heads, dr]
+        scores = q_lat @ c_kv.transpose(1, 2) + q_rope @ k_pe.transpose(1, 2)  # [B, n * heads, S]
+        hidden = ~mask[:, :, None].expand(b, n, h, mask.shape[-1]).reshape(b, n * h, -1)
+        probs = (scores * self.scale).float().masked_fill(hidden, float("-inf")).softmax(dim=-1).to(c_kv.dtype)
+        out_lat = (probs @ c_kv).view(b, n, h, -1)  # [B, n, heads, R]
+        return (out_lat.transpose(1, 2) @ w_uv.transpose(-1, -2)).transpose(1, 2)  # [B, n, heads, dv]
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal_only: bool = False):
         """Decompress K/V with kv_b_proj and run ordinary attention (flash-attn for causal prefill on CUDA

@@ -60,8 +60,14 @@ class Gate(nn.Module):
         return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
 
 
+GATHERED_MAX_TOKENS = 1
+"""Up to this many tokens (a plain decode step of one sequence), the chosen experts run as one batched matmul over
+their gathered weights: no host sync, no Python loop. Gathering copies k expert matrices per token, so from two
+tokens on, sorting tokens by expert and running each expert once is faster (measured: BENCHMARKS.md)."""
+
+
 class RoutedExperts(nn.Module):
-    """Expert weights fused into 3-D tensors; tokens are sorted by expert and each expert runs once."""
+    """Expert weights fused into 3-D tensors [experts, out, in]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -72,6 +78,22 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] -> weighted sum of expert outputs [T, H]."""
+        if ids.shape[0] <= GATHERED_MAX_TOKENS:
+            return self._gathered(x, weights, ids)
+        return self._grouped(x, weights, ids)
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair as one row of a batched matmul over the chosen experts' weights."""
+        t, k = ids.shape
+        flat_ids = ids.reshape(-1)  # [T * k]
+        rows = x[:, None, :].expand(t, k, x.shape[-1]).reshape(t * k, 1, -1)  # [T * k, 1, H]
+        gate = rows @ self.gate_proj[flat_ids].transpose(1, 2)  # [T * k, 1, I]
+        act = F.silu(gate) * (rows @ self.up_proj[flat_ids].transpose(1, 2))
+        out = (act @ self.down_proj[flat_ids].transpose(1, 2)).view(t, k, -1)  # [T, k, H]
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert; each expert with tokens runs once on its contiguous segment."""
         k = ids.shape[1]
         flat_ids = ids.reshape(-1)  # [T * k]
         order = flat_ids.argsort(stable=True)

@@ -29,7 +29,7 @@ class AttentionPlan:
     """'absorbed' (attention over the latent, W_UK folded into q) or 'expanded' (decompressed K/V)."""
     causal_only: bool = False
     """The mask is exactly causal over the new tokens and nothing precedes them (training, a prefill into an
-    empty cache), so causal-only kernels such as flash-attn may serve it."""
+    empty cache), so causal-only kernels such as flash-attn may serve it; False keeps it on SDPA."""
 
     @classmethod
     def causal(cls, batch_size: int, length: int, device: torch.device | str = "cpu") -> "AttentionPlan":
