@@ -20,6 +20,15 @@ REQUIRED_FIELDS = (
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
 )
 
+# Upper bounds on the integer fields: far above any real checkpoint (DeepSeek-V3: 61 layers, 128 heads, hidden 7168,
+# vocabulary 129280), low enough that building the model cannot hang or overflow a tensor's byte size.
+MAX_LAYERS = 1024
+MAX_HEAD_SIZE = 2**16
+"""Heads, and each head's widths."""
+MAX_WIDTH = 2**20
+"""Hidden and intermediate sizes, ranks, vocabulary, expert counts."""
+MAX_INT = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -145,6 +154,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: expected a dict of config.json fields, got {type(raw).__name__}")
         return _parse(raw)
 
     @classmethod
@@ -153,9 +164,18 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found; point to a folder holding an HF config.json")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc}); fix or re-export the config") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror}); check the file's permissions") from None
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply); fix or re-export the config") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer literal of more than 4300 digits
+            reason = "an integer with too many digits" if "integer string conversion" in str(exc) else exc
+            raise ConfigError(f"{path}: not valid JSON ({reason}); fix or re-export the config") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return _parse(raw, source=str(path))
@@ -180,7 +200,7 @@ def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"{source}: unsupported model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{source}: unsupported model_type {_show(model_type)}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     missing = [name for name in REQUIRED_FIELDS if name not in raw]
     if "q_lora_rank" not in raw and model_type == "deepseek_v3":
@@ -210,8 +230,8 @@ def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
             values[f.name] = defaults[f.name]
     if "num_nextn_predict_layers" not in raw and "num_mtp_layers" in raw:
         values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-    values["rope"] = _parse_rope(raw, source)
     _check_types(values, source)
+    values["rope"] = _parse_rope(raw, source)
     config = ModelConfig(**values)
     _check_consistency(config, source)
     return config
@@ -223,54 +243,120 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
         raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {type(params).__name__}")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in ("default", "yarn"):
-        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; use 'default' or 'yarn'")
+        raise ConfigError(f"{source}: rope type {_show(rope_type)} is not supported; use 'default' or 'yarn'")
+    # a log of theta divides in YaRN, and real models use thousands: require theta > 1
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    try:
-        kwargs: dict[str, Any] = {"theta": float(theta), "type": rope_type,
-                                  "interleave": bool(raw.get("rope_interleave", True))}
-        if rope_type == "yarn":
-            kwargs.update(
-                factor=float(params.get("factor", 1.0)),
-                original_max_position_embeddings=int(
-                    params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))),
-                beta_fast=float(params.get("beta_fast") or 32.0),
-                beta_slow=float(params.get("beta_slow") or 1.0),
-                mscale=float(params.get("mscale") or 0.0),
-                mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
-                attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
-                truncate=bool(params.get("truncate", True)),
-            )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: bad RoPE parameters ({exc})") from None
+    kwargs: dict[str, Any] = {"theta": _rope_number("rope_theta", theta, 1, source), "type": rope_type,
+                              "interleave": _flag(raw, "rope_interleave", "rope_interleave", source)}
+    if rope_type == "yarn":
+        original = params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))
+        if not _is_int(original, 1, MAX_INT):
+            raise ConfigError(f"{source}: rope original_max_position_embeddings={_show(original)} is invalid; "
+                              f"expected an integer in 1..{MAX_INT}")
+        optional = {key: _rope_number(key, params.get(key), 0, source, at_least=True, nullable=True)
+                    for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+        attention_factor = params.get("attention_factor")
+        kwargs.update(
+            factor=_rope_number("factor", params.get("factor", 1.0), 0, source),
+            original_max_position_embeddings=original,
+            beta_fast=optional["beta_fast"] or 32.0,
+            beta_slow=optional["beta_slow"] or 1.0,
+            mscale=optional["mscale"] or 0.0,
+            mscale_all_dim=optional["mscale_all_dim"] or 0.0,
+            attention_factor=_rope_number("attention_factor", attention_factor, 0, source, nullable=True),
+            truncate=_flag(params, "truncate", "rope truncate", source),
+        )
     return RopeConfig(**kwargs)
 
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-               "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
-               "moe_layer_freq", "n_group", "topk_group", "num_nextn_predict_layers")
+def _rope_number(key: str, value: Any, bound: float, source: str, at_least: bool = False,
+                 nullable: bool = False) -> float | None:
+    """value as a finite float > bound (>= bound when at_least); None passes through when nullable."""
+    if value is None and nullable:
+        return None
+    number = _finite(value)
+    if number is None or number < bound or (number == bound and not at_least):
+        bound_text = f">= {bound}" if at_least else f"> {bound}"
+        label = key if key.startswith("rope") else f"rope {key}"
+        raise ConfigError(f"{source}: {label}={_show(value)} is invalid; expected a finite number {bound_text}")
+    return number
+
+
+def _finite(value: Any) -> float | None:
+    """value as a finite float, or None when it is not a number (bools are not) or overflows."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _flag(params: dict[str, Any], key: str, label: str, source: str) -> bool:
+    value = params.get(key, True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {label}={_show(value)} is invalid; expected true or false")
+    return value
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a config value, shortened so that a garbage value cannot flood the message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_INT_FIELDS = {
+    **dict.fromkeys(("num_hidden_layers", "num_nextn_predict_layers", "first_k_dense_replace", "moe_layer_freq"),
+                    MAX_LAYERS),
+    **dict.fromkeys(("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), MAX_HEAD_SIZE),
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "kv_lora_rank", "moe_intermediate_size",
+                     "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group"), MAX_WIDTH),
+    "max_position_embeddings": MAX_INT,
+}
+_OPTIONAL_INT_FIELDS = {"q_lora_rank": (1, MAX_WIDTH), "n_routed_experts": (0, MAX_WIDTH)}
+"""Fields that may also be null: q_lora_rank null means no query compression, n_routed_experts null a dense model."""
+_BOOL_FIELDS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings")
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_types(values: dict[str, Any], source: str) -> None:
+    """Raise ConfigError naming every field of the wrong type or range; the two float fields become floats."""
     bad = []
-    for name in _INT_FIELDS:
+    for name, high in _INT_FIELDS.items():
+        if name in values and not _is_int(values[name], 0, high):
+            bad.append(f"{name}={_show(values[name])} (expected an integer in 0..{high})")
+    for name, (low, high) in _OPTIONAL_INT_FIELDS.items():
         v = values.get(name)
-        if name in values and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            bad.append(f"{name}={v!r} (expected a non-negative integer)")
-    for name in ("q_lora_rank", "n_routed_experts"):
-        v = values.get(name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            bad.append(f"{name}={v!r} (expected a non-negative integer or null)")
+        if v is not None and not _is_int(v, low, high):
+            bad.append(f"{name}={_show(v)} (expected an integer in {low}..{high}, or null)")
     for name in ("rms_norm_eps", "routed_scaling_factor"):
-        v = values.get(name)
-        if name in values and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            bad.append(f"{name}={v!r} (expected a number)")
+        number = _finite(values.get(name))
+        if name in values and (number is None or number < 0):
+            bad.append(f"{name}={_show(values[name])} (expected a finite number >= 0)")
+        elif name in values:
+            values[name] = number
+    for name in _BOOL_FIELDS:
+        if name in values and not isinstance(values[name], bool):
+            bad.append(f"{name}={_show(values[name])} (expected true or false)")
+    bos, eos = values.get("bos_token_id"), values.get("eos_token_id")
+    if bos is not None and not _is_int(bos, 0, MAX_INT):
+        bad.append(f"bos_token_id={_show(bos)} (expected a token id >= 0, or null)")
+    eos_list = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(_is_int(e, 0, MAX_INT) for e in eos_list):
+        bad.append(f"eos_token_id={_show(eos)} (expected a token id >= 0, a list of them, or null)")
     if values.get("topk_method") not in TOPK_METHODS:
-        bad.append(f"topk_method={values.get('topk_method')!r} (expected one of {', '.join(TOPK_METHODS)})")
+        bad.append(f"topk_method={_show(values.get('topk_method'))} (expected one of {', '.join(TOPK_METHODS)})")
     if values.get("scoring_func") not in SCORING_FUNCS:
-        bad.append(f"scoring_func={values.get('scoring_func')!r} (expected one of {', '.join(SCORING_FUNCS)})")
+        bad.append(f"scoring_func={_show(values.get('scoring_func'))} (expected one of {', '.join(SCORING_FUNCS)})")
     if values.get("hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act={values.get('hidden_act')!r} (only 'silu' is supported)")
+        bad.append(f"hidden_act={_show(values.get('hidden_act'))} (only 'silu' is supported)")
     if bad:
         raise ConfigError(f"{source}: invalid field(s): {'; '.join(bad)}")
 
@@ -278,7 +364,7 @@ def _check_types(values: dict[str, Any], source: str) -> None:
 def _check_consistency(config: ModelConfig, source: str) -> None:
     problems = []
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                 "qk_rope_head_dim", "v_head_dim"):
+                 "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be positive")
     if config.qk_rope_head_dim % 2:
@@ -292,5 +378,7 @@ def _check_consistency(config: ModelConfig, source: str) -> None:
             problems.append("n_routed_experts must be divisible by n_group")
         if config.topk_group > config.n_group:
             problems.append("topk_group exceeds n_group")
+        if config.moe_layer_freq < 1:
+            problems.append("moe_layer_freq must be positive for MoE models")
     if problems:
         raise ConfigError(f"{source}: inconsistent config: {'; '.join(problems)}")

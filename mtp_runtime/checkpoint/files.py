@@ -26,15 +26,29 @@ class TensorInfo:
     dtype: str
 
 
+def printable(text: str) -> str:
+    """text with control characters escaped, so that a tensor name cannot break an error message's lines."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 @contextmanager
 def opened(path: Path) -> Iterator[Any]:
     """safe_open a file, turning safetensors' errors into CheckpointError."""
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc}); re-download or re-save it") from None
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({printable(str(exc))}); re-download or re-save it") from None
     with handle:
         yield handle
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also where the OS refuses the name (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 class CheckpointFiles:
@@ -62,8 +76,13 @@ class CheckpointFiles:
                 "save the weights with save_pretrained(safe_serialization=True)")
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: not valid JSON ({exc}); re-download or regenerate the index") from None
+        except OSError as exc:
+            raise CheckpointError(f"{index}: cannot be read ({exc.strerror}); check the file's permissions") from None
+        except RecursionError:
+            raise CheckpointError(f"{index}: not valid JSON (nested too deeply); regenerate the index") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer of more than 4300 digits
+            reason = "an integer with too many digits" if "integer string conversion" in str(exc) else exc
+            raise CheckpointError(f"{index}: not valid JSON ({reason}); re-download or regenerate the index") from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(
@@ -73,9 +92,14 @@ class CheckpointFiles:
     def _shard_paths(self, index_map: dict[str, str] | None) -> list[Path]:
         if index_map is None:
             return [self.folder / SINGLE_FILE]
-        paths = [self.folder / name for name in sorted(set(index_map.values()))]
+        names = sorted(set(index_map.values()))
+        for name in names:
+            if name in ("", ".", "..") or "/" in name or not name.isprintable() or len(name) > 255:
+                raise CheckpointError(f"{self.folder / INDEX_FILE}: names shard {name[:80]!r}, which is not a file "
+                                      "name inside the folder; regenerate the index")
+        paths = [self.folder / name for name in names]
         for path in paths:
-            if not path.is_file():
+            if not _is_file(path):
                 raise CheckpointError(
                     f"{self.folder / INDEX_FILE}: names shard {path.name} which is missing; "
                     "download the missing shard or regenerate the index")
@@ -86,7 +110,7 @@ class CheckpointFiles:
             for name in handle.keys():
                 if name in self._entries:
                     raise CheckpointError(
-                        f"{path}: tensor {name} is also stored in {self._entries[name].path.name}; "
+                        f"{path}: tensor {printable(name)} is also stored in {self._entries[name].path.name}; "
                         "remove the duplicate shard")
                 info = handle.get_slice(name)
                 self._entries[name] = TensorInfo(path, tuple(info.get_shape()), info.get_dtype())
@@ -96,7 +120,8 @@ class CheckpointFiles:
         if absent:
             raise CheckpointError(
                 f"{self.folder / INDEX_FILE}: {len(absent)} tensor(s) it lists are in no shard "
-                f"(first: {absent[0]} -> {index_map[absent[0]]}); re-download the shards or regenerate the index")
+                f"(first: {printable(absent[0])} -> {index_map[absent[0]]}); "
+                "re-download the shards or regenerate the index")
 
     def raw_names(self) -> set[str]:
         """Every tensor name stored in the checkpoint (from the headers only)."""

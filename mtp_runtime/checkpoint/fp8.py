@@ -18,7 +18,12 @@ def weight_block_size(config_dict: dict[str, Any]) -> tuple[int, int]:
     """FP8 block size from a config.json dict's quantization_config, default (128, 128)."""
     quant = config_dict.get("quantization_config") or {}
     block = quant.get("weight_block_size", DEFAULT_BLOCK_SIZE) if isinstance(quant, dict) else DEFAULT_BLOCK_SIZE
-    return checked_block(block)
+    try:
+        return checked_block(block)
+    except CheckpointError:
+        shown = repr(block) if len(repr(block)) <= 60 else repr(block)[:57] + "..."
+        raise CheckpointError(f"config.json: quantization_config.weight_block_size {shown} is invalid; "
+                              "expected two positive integers such as [128, 128]") from None
 
 
 def checked_block(block_size: Any) -> tuple[int, int]:
@@ -32,7 +37,8 @@ def checked_block(block_size: Any) -> tuple[int, int]:
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     """float32 weight = weight times its block's scale_inv; blocks at the bottom/right edge may be partial."""
     rows, cols = weight.shape[-2:]
-    b0, b1 = block_size
+    # a block larger than the matrix is one block: clamping keeps repeat_interleave from allocating the excess
+    b0, b1 = min(block_size[0], max(rows, 1)), min(block_size[1], max(cols, 1))
     w = weight.to(torch.float32)
     # [..., ceil(rows/b0), ceil(cols/b1)] -> [..., ceil(rows/b0), cols]
     col_scale = scale_inv.to(device=w.device, dtype=torch.float32).repeat_interleave(b1, dim=-1)[..., :cols]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .files import CheckpointFiles
+from .files import CheckpointFiles, printable
 from .names import EMBED, LM_HEAD, SCALE_SUFFIX, Source, sources_by_our_name
 
 MAX_LISTED = 20
@@ -25,6 +25,7 @@ class _Problems:
         self._seen: set[tuple[str, str]] = set()
 
     def add(self, kind: str, line: str) -> None:
+        line = printable(line)  # raw tensor names are arbitrary strings
         if (kind, line) not in self._seen:
             self._seen.add((kind, line))
             self.lines[kind].append(line)
@@ -41,9 +42,21 @@ class _Problems:
         raise CheckpointError("\n".join(out))
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0")
+"""safetensors floating types that torch converts to float32 (not the packed F4 / F6 formats)."""
+INT_DTYPES = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+
+
 def is_float_dtype(st_dtype: str) -> bool:
-    """Whether a safetensors dtype string (F32, BF16, F8_E4M3, I64, ...) is a floating type."""
-    return st_dtype.startswith(("F", "BF"))
+    """Whether a safetensors dtype string (F32, BF16, F8_E4M3, I64, ...) is a floating type we can load."""
+    return st_dtype in FLOAT_DTYPES
+
+
+def _dtype_text(st_dtype: str) -> str:
+    """The dtype, with the supported ones listed where it is a floating type torch cannot convert (F4, F6_*)."""
+    if st_dtype.startswith("F") and not is_float_dtype(st_dtype):
+        return f"{st_dtype} (unsupported; store it as one of {', '.join(FLOAT_DTYPES)})"
+    return st_dtype
 
 
 def fmt_shape(shape: tuple[int, ...] | torch.Size) -> str:
@@ -141,9 +154,10 @@ class Planner:
 
     def _check_dtype(self, name: str, raw: str, dtype: torch.dtype) -> None:
         found = self.files.entry(raw).dtype
-        if is_float_dtype(found) != dtype.is_floating_point:
+        loadable = is_float_dtype(found) if dtype.is_floating_point else found in INT_DTYPES
+        if not loadable:
             want = "a floating type" if dtype.is_floating_point else str(dtype)
-            self.problems.add("wrong dtype", f"{raw} (for {name}): expected {want}, found {found}")
+            self.problems.add("wrong dtype", f"{raw} (for {name}): expected {want}, found {_dtype_text(found)}")
 
     def _check_scale(self, raw: str) -> None:
         scale = raw + SCALE_SUFFIX
@@ -160,4 +174,4 @@ class Planner:
             self.problems.add("wrong shape", f"{scale}: expected {fmt_shape(want)} for blocks of "
                                              f"{fmt_shape(self.block_size)}, found {fmt_shape(found.shape)}")
         if not is_float_dtype(found.dtype):
-            self.problems.add("wrong dtype", f"{scale}: expected a floating type, found {found.dtype}")
+            self.problems.add("wrong dtype", f"{scale}: expected a floating type, found {_dtype_text(found.dtype)}")
