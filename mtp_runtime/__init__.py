@@ -19,14 +19,18 @@ __all__ = ["load", "generate", "Runtime", "GenerationResult", "GenerationStream"
            "MTPRuntimeError", "DEFAULT_MODEL"]
 
 
-def load(path: str | Path | None = None, device=None, dtype=None) -> Runtime:
-    """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model."""
+def load(path: str | Path | None = None, device=None, dtype=None, parallel=None) -> Runtime:
+    """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model.
+
+    parallel: a `mtp_runtime.parallel.ParallelGroup` to split the model over (e.g. `init_from_env()` under
+    torchrun); None keeps the whole model in this process.
+    """
     if path is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise MTPRuntimeError(
                 f"the shipped default model is missing at {DEFAULT_MODEL}; pass a model folder or reinstall")
         path = DEFAULT_MODEL
-    return Runtime.from_folder(path, device=device, dtype=dtype)
+    return Runtime.from_folder(path, device=device, dtype=dtype, parallel=parallel)
 
 
 def generate(prompt, model: Runtime | str | Path | None = None, **kwargs):

@@ -14,6 +14,7 @@ from .engine import Engine
 from .errors import DeviceError, GenerationSettingsError, TokenizerError
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
+from .parallel import ParallelGroup, check_shardable, shard_model
 from .params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
 from .sampling import SamplingParams
 from .stats import GenerationStats
@@ -79,18 +80,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Runtime:
     """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
 
-    def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None):
+    def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
+                 parallel: ParallelGroup | None = None):
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.path = path
+        self.parallel = parallel  # the ranks the model is split over; None: this process holds all of it
 
     @classmethod
-    def from_folder(cls, path: str | Path, device=None, dtype=None) -> "Runtime":
-        """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json."""
+    def from_folder(cls, path: str | Path, device=None, dtype=None,
+                    parallel: ParallelGroup | None = None) -> "Runtime":
+        """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json.
+
+        With `parallel`, every rank loads the full checkpoint and then keeps only its share of the attention
+        heads, experts and MLP channels (see mtp_runtime.parallel); every rank must then make the same calls.
+        """
         path = Path(path)
         config = ModelConfig.from_file(path / "config.json") if path.is_dir() else ModelConfig.from_file(path)
-        device = resolve_device(device)
+        if parallel is not None:
+            check_shardable(config, parallel.world_size)
+        device = resolve_device(parallel.device if device is None and parallel is not None else device)
         dtype = resolve_dtype(dtype, device)
         files = CheckpointFiles(path)
         n = config.num_hidden_layers
@@ -107,11 +117,18 @@ class Runtime:
                                 block_size=weight_block_size(raw_config))
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.to(device)
-        return cls(model, load_tokenizer(path), path)
+        if parallel is not None:
+            shard_model(model, parallel)
+        return cls(model, load_tokenizer(path), path, parallel)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0 of a parallel runtime and in a single process: the process that prints."""
+        return self.parallel is None or self.parallel.is_main
 
     @property
     def num_mtp_modules(self) -> int:
@@ -146,6 +163,8 @@ class Runtime:
         sampling only). Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
         """
         prompts, batched = self._prompts(prompt, input_ids)
+        if seed is None and self.parallel is not None:
+            seed = self.parallel.agree_seed()  # ranks must sample alike
         if draft is None:
             draft = DEFAULT_DRAFT_MODE if self.num_mtp_modules else "none"
         request = GenerationRequest(

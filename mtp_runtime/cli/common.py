@@ -67,8 +67,13 @@ sampling_options = _options(
 
 
 def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None):
-    """The Runtime for --model (or the shipped model), with a clear error for a missing folder."""
+    """The Runtime for --model (or the shipped model), with a clear error for a missing folder.
+
+    Started by torchrun with WORLD_SIZE > 1, joins the process group (left when the command ends) and loads
+    this rank's share of the model.
+    """
     import mtp_runtime
+    from ..parallel import close, init_from_env, launched_world_size
 
     if threads is not None:
         if threads < 1:
@@ -78,7 +83,12 @@ def load_runtime(model: Path | None, device: str | None, dtype: str | None, thre
         torch.set_num_threads(threads)
     if model is not None and not model.exists():
         raise MTPRuntimeError(f"model folder {model} does not exist; pass a folder holding an HF config.json")
-    return mtp_runtime.load(model, device=device, dtype=dtype)
+    parallel = None
+    if launched_world_size() > 1:
+        parallel = init_from_env(device)
+        click.get_current_context().call_on_close(close)
+        device = parallel.device
+    return mtp_runtime.load(model, device=device, dtype=dtype, parallel=parallel)
 
 
 def check_request(max_new_tokens: int, draft: str | None, kwargs: dict, stop: tuple[str, ...]) -> None:
