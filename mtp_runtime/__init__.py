@@ -19,17 +19,21 @@ __all__ = ["load", "generate", "Runtime", "GenerationResult", "GenerationStream"
            "MTPRuntimeError", "DEFAULT_MODEL"]
 
 
-def load(path: str | Path | None = None, device=None, dtype=None, attention: str = "auto") -> Runtime:
+def load(path: str | Path | None = None, device=None, dtype=None, attention: str = "auto",
+         parallel=None) -> Runtime:
     """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model.
 
     attention: the prefill kernel, 'auto' (flash-attn where installed and usable, else SDPA), 'flash' (an error
-    if flash-attn cannot run here) or 'sdpa'."""
+    if flash-attn cannot run here) or 'sdpa'.
+    parallel: a `mtp_runtime.parallel.ParallelGroup` to split the model over (e.g. `init_from_env()` under
+    torchrun); None keeps the whole model in this process.
+    """
     if path is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise MTPRuntimeError(
                 f"the shipped default model is missing at {DEFAULT_MODEL}; pass a model folder or reinstall")
         path = DEFAULT_MODEL
-    return Runtime.from_folder(path, device=device, dtype=dtype, attention=attention)
+    return Runtime.from_folder(path, device=device, dtype=dtype, attention=attention, parallel=parallel)
 
 
 def generate(prompt, model: Runtime | str | Path | None = None, **kwargs):

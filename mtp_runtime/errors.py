@@ -35,3 +35,7 @@ class DeviceError(MTPRuntimeError):
 
 class NumericalError(MTPRuntimeError):
     """NaN or Inf appeared in the model's activations."""
+
+
+class ParallelError(MTPRuntimeError, ValueError):
+    """The model cannot be split over the requested ranks, or the torchrun environment is incomplete."""

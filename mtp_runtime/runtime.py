@@ -15,6 +15,7 @@ from .errors import ConfigError, DeviceError, GenerationSettingsError, Tokenizer
 from .model import DeepseekForCausalLM
 from .model.flash import flash_attn_func
 from .model.plan import AttentionPlan
+from .parallel import ParallelGroup, check_shardable, shard_model
 from .params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
 from .sampling import SamplingParams
 from .stats import GenerationStats
@@ -99,17 +100,23 @@ class Runtime:
     """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
 
     def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", parallel: ParallelGroup | None = None):
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.path = path
         self.attention = attention
         """Prefill attention kernel: 'auto', 'flash' or 'sdpa' (see resolve_attention)."""
+        self.parallel = parallel  # the ranks the model is split over; None: this process holds all of it
 
     @classmethod
-    def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto") -> "Runtime":
-        """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json."""
+    def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",
+                    parallel: ParallelGroup | None = None) -> "Runtime":
+        """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json.
+
+        With `parallel`, every rank loads the full checkpoint and then keeps only its share of the attention
+        heads, experts and MLP channels (see mtp_runtime.parallel); every rank must then make the same calls.
+        """
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"model folder {path} does not exist; pass a folder holding an HF config.json")
@@ -117,7 +124,9 @@ class Runtime:
             raise ConfigError(f"model path {path} is a file, not a folder; pass the folder that holds config.json "
                               f"and the *.safetensors files")
         config = ModelConfig.from_file(path / "config.json")
-        device = resolve_device(device)
+        if parallel is not None:
+            check_shardable(config, parallel.world_size)
+        device = resolve_device(parallel.device if device is None and parallel is not None else device)
         dtype = resolve_dtype(dtype, device)
         attention = resolve_attention(attention, device, dtype)
         files = CheckpointFiles(path)
@@ -135,11 +144,18 @@ class Runtime:
                                 block_size=weight_block_size(raw_config))
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.to(device)
-        return cls(model, load_tokenizer(path), path, attention)
+        if parallel is not None:
+            shard_model(model, parallel)
+        return cls(model, load_tokenizer(path), path, attention, parallel)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0 of a parallel runtime and in a single process: the process that prints."""
+        return self.parallel is None or self.parallel.is_main
 
     @property
     def num_mtp_modules(self) -> int:
@@ -174,6 +190,8 @@ class Runtime:
         sampling only). Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
         """
         prompts, batched = self._prompts(prompt, input_ids)
+        if seed is None and self.parallel is not None:
+            seed = self.parallel.agree_seed()  # ranks must sample alike
         if draft is None:
             draft = DEFAULT_DRAFT_MODE if self.num_mtp_modules else "none"
         request = GenerationRequest(

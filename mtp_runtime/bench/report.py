@@ -19,7 +19,8 @@ def format_report(report: BenchReport) -> str:
     mode = "greedy" if report.greedy else f"sampling T={report.sampling['temperature']}"
     m = report.machine
     head = (f"{len(report.prompts)} prompts x {report.max_new_tokens} new tokens, {mode}, "
-            f"{m['device']} {m['dtype']}, torch threads: {m['torch_threads']}")
+            f"{m['device']} {m['dtype']}, torch threads: {m['torch_threads']}"
+            f"{'' if m.get('world_size', 1) == 1 else ', ranks: ' + str(m['world_size'])}")
     speed, notes = _speed_table(report)
     return "\n".join([head, "", _table(_acceptance_table(report), left=6), "", _table(speed), *notes, "", *LEGEND])
 

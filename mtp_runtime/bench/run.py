@@ -61,7 +61,8 @@ def machine_info(runtime) -> dict:
             "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(runtime.device),
             "dtype": str(runtime.model.lm_head.weight.dtype).removeprefix("torch."),
-            "model": str(runtime.path) if runtime.path is not None else None}
+            "model": str(runtime.path) if runtime.path is not None else None,
+            "world_size": runtime.parallel.world_size if runtime.parallel is not None else 1}
     if runtime.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(runtime.device)
     return info

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import GenerationSettingsError, MTPRuntimeError
+from ..errors import GenerationSettingsError, MTPRuntimeError, ParallelError
 from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, model_options, sampling_options
 
 
@@ -73,9 +73,16 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
                    (prefill excluded)
       draft/verify/commit/other   shares of the engine's time
       =plain       greedy token ids equal plain decoding's on every prompt
+
+    Scale-out: started by torchrun with WORLD_SIZE > 1 (`torchrun --nproc-per-node 2 -m mtp_runtime.cli bench
+    ...`), the model is split over the ranks by attention head and routed expert; every rank runs the same
+    benchmark, and rank 0 prints the tables and writes --json and --plot (its own timings).
     """
     from .. import bench as bench_mod
+    from ..parallel import launched_world_size
 
+    if compare_hf and launched_world_size() > 1:
+        raise ParallelError("--compare-hf runs transformers on the whole model; run it without torchrun")
     _check_outputs(json_file, plot_file)
     configs = bench_mod.sweep(drafts or bench_mod.DEFAULT_DRAFTS, _int_list(num_draft_tokens), list(trees) or None,
                               depth, topk)
@@ -94,7 +101,9 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
         return
     report = bench_mod.run_bench(runtime, _prompts(runtime, prompts_file, num_prompts), configs,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed, ignore_eos=ignore_eos, progress=progress)
+                                 seed=seed, ignore_eos=ignore_eos, progress=progress and runtime.is_main_process)
+    if not runtime.is_main_process:
+        return
     if compare_hf:
         bench_mod.compare_hf(runtime, report, progress=progress)
     click.echo(bench_mod.format_report(report))

@@ -71,8 +71,13 @@ sampling_options = _options(
 
 def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None,
                  attention: str = "auto"):
-    """The Runtime for --model (or the shipped model), with a clear error for a missing folder."""
+    """The Runtime for --model (or the shipped model).
+
+    Started by torchrun with WORLD_SIZE > 1, joins the process group (left when the command ends) and loads
+    this rank's share of the model.
+    """
     import mtp_runtime
+    from ..parallel import close, init_from_env, launched_world_size
 
     if threads is not None:
         if threads < 1:
@@ -80,7 +85,12 @@ def load_runtime(model: Path | None, device: str | None, dtype: str | None, thre
         import torch
 
         torch.set_num_threads(threads)
-    return mtp_runtime.load(model, device=device, dtype=dtype, attention=attention)
+    parallel = None
+    if launched_world_size() > 1:
+        parallel = init_from_env(device)
+        click.get_current_context().call_on_close(close)
+        device = parallel.device
+    return mtp_runtime.load(model, device=device, dtype=dtype, attention=attention, parallel=parallel)
 
 
 def check_request(max_new_tokens: int, draft: str | None, kwargs: dict, stop: tuple[str, ...]) -> None:

@@ -43,6 +43,10 @@ def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_
 
     The prompt comes from PROMPT, --prompt-file, or stdin (when neither is given). Greedy output is the same
     with or without drafting; drafting only changes how many tokens each trunk forward emits.
+
+    Scale-out: started by torchrun with WORLD_SIZE > 1 (`torchrun --nproc-per-node 2 -m mtp_runtime.cli
+    generate ...`), the model is split over the ranks by attention head and routed expert (gloo on cpu, NCCL
+    on cuda:LOCAL_RANK); every rank computes the same tokens and only rank 0 prints.
     """
     from ..bench import format_stats
 
@@ -55,7 +59,8 @@ def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_
     try:
         runtime = load_runtime(model, device, dtype, threads, attention)
         kwargs.update(draft=draft, max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos)
-        result = (_print_json if json_out else _stream_text)(runtime, text, kwargs)
+        echo = click.echo if runtime.is_main_process else _quiet
+        result = (_print_json if json_out else _stream_text)(runtime, text, kwargs, echo)
     except KeyboardInterrupt:
         click.echo()
         sys.exit(130)
@@ -63,7 +68,7 @@ def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_
         _silence_stdout()
         sys.exit(141)
     if stats:
-        click.echo(format_stats(result.stats, result.finish_reason), err=True)
+        echo(format_stats(result.stats, result.finish_reason), err=True)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -84,26 +89,30 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return stdin.read()
 
 
-def _print_json(runtime, text: str, kwargs: dict):
+def _quiet(*args, **kwargs) -> None:
+    """click.echo on the ranks other than 0: print nothing."""
+
+
+def _print_json(runtime, text: str, kwargs: dict, echo=click.echo):
     """Generate, then print the result (and the draft mode that ran) as one JSON object."""
     result = runtime.generate(text, **kwargs)
     mode = kwargs["draft"] or (DEFAULT_DRAFT_MODE if runtime.num_mtp_modules else "none")
-    click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                           "prompt_token_ids": result.prompt_token_ids, "finish_reason": result.finish_reason,
-                           "draft": mode, "stats": result.stats.to_dict()}))
+    echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                     "prompt_token_ids": result.prompt_token_ids, "finish_reason": result.finish_reason,
+                     "draft": mode, "stats": result.stats.to_dict()}))
     return result
 
 
-def _stream_text(runtime, text: str, kwargs: dict):
+def _stream_text(runtime, text: str, kwargs: dict, echo=click.echo):
     """Print text as each step's tokens are accepted, ending with a newline."""
     stream = runtime.generate(text, stream=True, **kwargs)
     last = ""
     for chunk in stream:
         if chunk.text:
-            click.echo(chunk.text, nl=False)  # click.echo flushes
+            echo(chunk.text, nl=False)  # click.echo flushes
             last = chunk.text
     if not last.endswith("\n"):
-        click.echo()
+        echo()
     return stream.results[0]
 
 
