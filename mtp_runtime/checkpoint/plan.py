@@ -31,15 +31,15 @@ class _Problems:
             self.lines[kind].append(line)
 
     def raise_if_any(self, folder: Path) -> None:
-        counts = [f"{len(lines)} {self.KINDS[kind]}" for kind, lines in self.lines.items() if lines]
-        if not counts:
-            return
-        out = [f"checkpoint {folder} does not match the config: {', '.join(counts)}"]
+        """One error, on one line, listing every problem (up to MAX_LISTED of each kind)."""
+        parts = []
         for kind, lines in self.lines.items():
-            out += [f"  {kind}: {line}" for line in lines[:MAX_LISTED]]
-            if len(lines) > MAX_LISTED:
-                out.append(f"  ... and {len(lines) - MAX_LISTED} more {self.KINDS[kind]}")
-        raise CheckpointError("\n".join(out))
+            if lines:
+                more = f"; and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+                parts.append(f"{len(lines)} {self.KINDS[kind]} [{'; '.join(lines[:MAX_LISTED])}{more}]")
+        if parts:
+            raise CheckpointError(f"checkpoint {folder} does not match the config: {', '.join(parts)}; re-export "
+                                  "the checkpoint for this config.json (or fix config.json to match the weights)")
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0")
