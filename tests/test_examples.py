@@ -36,6 +36,12 @@ def test_stream_example():
         assert label in out
 
 
+def test_decode_speed_example():
+    out = run_example("decode_speed.py", 16).stdout
+    assert [part.split(":")[0] for part in out.strip().split("  ")] == ["plain", "chain k=1", "tree 3,2,1"]
+    assert all(float(part.split(":")[1].split()[0]) > 0 for part in out.strip().split("  "))
+
+
 def test_batch_example():
     out = run_example("batch.py").stdout
     assert out.count("--- prompt") == 4
