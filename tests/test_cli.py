@@ -267,6 +267,8 @@ def test_bench_batch_sizes(tiny, tmp_path):
     assert "batched throughput" in result.stdout
     assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "4,x"), "--batch-sizes")
     assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "0"), "--batch-sizes")
+    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "4", "--soak", 3), "cannot be combined")
+    assert_one_line_error(run("bench", "--model", tiny, "--soak", 3, "--compare-hf"), "cannot be combined")
 
 
 def test_bench_soak_reports_rss(tiny, tmp_path):

@@ -88,6 +88,7 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
                               depth, topk)
     check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                 num_draft_tokens=None, tree=None, depth=None, topk=None), ())
+    _check_modes(batch_sizes, soak, compare_hf, plot_file)
     if soak is not None and soak < 1:
         raise GenerationSettingsError(f"--soak={soak} must be at least 1 call")
     runtime = load_runtime(model, device, dtype, threads, attention)
@@ -112,6 +113,14 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
     if plot_file is not None:
         bench_mod.plot_report(report, plot_file)
         click.echo(f"plot written to {plot_file}", err=True)
+
+
+def _check_modes(batch_sizes, soak, compare_hf: bool, plot_file) -> None:
+    """--batch-sizes and --soak replace the per-prompt timing, so they exclude each other and its extras."""
+    modes = [name for name, given in (("--batch-sizes", batch_sizes is not None), ("--soak", soak is not None)) if given]
+    extras = [name for name, given in (("--compare-hf", compare_hf), ("--plot", plot_file is not None)) if given]
+    if len(modes) > 1 or (modes and extras):
+        raise GenerationSettingsError(f"{' and '.join(modes + extras)} cannot be combined; run them separately")
 
 
 def _batch_sweep(runtime, prompts_file, num_prompts, configs, batch_sizes, max_new_tokens, sampling, json_file,
