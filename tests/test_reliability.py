@@ -281,7 +281,10 @@ def test_ctrl_c_while_streaming_prints_the_text_so_far(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "mtp_runtime.cli", "generate", "def main():", "--max-new-tokens", "400",
                "--ignore-eos", "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # a shell's background job inherits SIGINT ignored (and Python then keeps it ignored); restore the default
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=restore_sigint)
     first = proc.stdout.read(1)  # generation has started
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=60)
