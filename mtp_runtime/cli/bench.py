@@ -88,17 +88,12 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
                               depth, topk)
     check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                 num_draft_tokens=None, tree=None, depth=None, topk=None), ())
-    _check_modes(batch_sizes, soak, compare_hf, plot_file)
-    if soak is not None and soak < 1:
-        raise GenerationSettingsError(f"--soak={soak} must be at least 1 call")
+    sizes = _check_modes(batch_sizes, soak, compare_hf, plot_file)
     runtime = load_runtime(model, device, dtype, threads, attention)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if batch_sizes is not None:
-        _batch_sweep(runtime, prompts_file, num_prompts, configs, _int_list(batch_sizes, "--batch-sizes"),
-                     max_new_tokens, sampling, json_file, progress)
-        return
-    if soak is not None:
-        _soak(runtime, prompts_file, num_prompts, configs, soak, max_new_tokens, sampling, json_file, progress)
+    if sizes is not None or soak is not None:
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        _batch_or_soak(runtime, _prompts(runtime, prompts_file, num_prompts), configs, sizes, soak, max_new_tokens,
+                       sampling, json_file, progress)
         return
     report = bench_mod.run_bench(runtime, _prompts(runtime, prompts_file, num_prompts), configs,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -115,36 +110,36 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
         click.echo(f"plot written to {plot_file}", err=True)
 
 
-def _check_modes(batch_sizes, soak, compare_hf: bool, plot_file) -> None:
-    """--batch-sizes and --soak replace the per-prompt timing, so they exclude each other and its extras."""
+def _check_modes(batch_sizes: str | None, soak: int | None, compare_hf: bool, plot_file) -> list[int] | None:
+    """--batch-sizes and --soak replace the per-prompt timing, so they exclude each other and its extras; checked
+    before the model loads. Returns the batch sizes (None without --batch-sizes)."""
     modes = [name for name, given in (("--batch-sizes", batch_sizes is not None), ("--soak", soak is not None)) if given]
     extras = [name for name, given in (("--compare-hf", compare_hf), ("--plot", plot_file is not None)) if given]
     if len(modes) > 1 or (modes and extras):
         raise GenerationSettingsError(f"{' and '.join(modes + extras)} cannot be combined; run them separately")
+    if soak is not None and soak < 1:
+        raise GenerationSettingsError(f"--soak={soak} must be at least 1 call")
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        raise GenerationSettingsError(f"--batch-sizes {sizes} must list positive integers, e.g. 1,4,16,64")
+    return sizes
 
 
-def _batch_sweep(runtime, prompts_file, num_prompts, configs, batch_sizes, max_new_tokens, sampling, json_file,
-                 progress) -> None:
+def _batch_or_soak(runtime, prompts: list[str], configs, batch_sizes: list[int] | None, soak: int | None,
+                   max_new_tokens: int, sampling: dict, json_file: Path | None, progress: bool) -> None:
+    """Batched throughput over `batch_sizes`, or `soak` calls with RSS samples; the report to stdout and --json."""
     from ..bench.batch import run_batch_sweep
-
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise GenerationSettingsError(f"--batch-sizes {batch_sizes} must list positive integers, e.g. 1,4,16,64")
-    ids = [runtime.encode(p) for p in _prompts(runtime, prompts_file, num_prompts)]
-    report = run_batch_sweep(runtime, ids, configs, batch_sizes, max_new_tokens, sampling, progress)
-    click.echo(report.format())
-    if json_file is not None:
-        json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-
-def _soak(runtime, prompts_file, num_prompts, configs, calls, max_new_tokens, sampling, json_file, progress) -> None:
     from ..bench.configs import DraftConfig
     from ..bench.soak import run_soak
 
-    ids = [runtime.encode(p) for p in _prompts(runtime, prompts_file, num_prompts)]
-    report = run_soak(runtime, ids, [DraftConfig("none"), *configs], calls, max_new_tokens, sampling, progress)
+    ids = [runtime.encode(p) for p in prompts]
+    if batch_sizes is not None:
+        report = run_batch_sweep(runtime, ids, configs, batch_sizes, max_new_tokens, sampling, progress)
+    else:
+        report = run_soak(runtime, ids, [DraftConfig("none"), *configs], soak, max_new_tokens, sampling, progress)
     click.echo(report.format())
     if json_file is not None:
-        json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _write_json(report, json_file)
 
 
 def _int_list(value: str | None, option: str = "--num-draft-tokens") -> list[int] | None:
