@@ -11,9 +11,11 @@ computes E(v, j) for u's drafted ancestors v, so that its attention sees the slo
 in training (transformers' MtpModel fills them the same way for a chain). Deeper than D, module D is reused
 on its own outputs (EAGLE style). Draft entries go to scratch slots after the cache length and are never kept.
 
-Appending the slots a step accepted is fused with the next draft: module k's one forward carries its new
-committed slots first and its draft nodes after them, so each module runs once per step (plus its reuse beyond
-depth D), and the MTP caches are committed when the next tree is complete.
+Appending the slots a step accepted is fused with the next draft: module k's one forward (a "pass") carries its
+new committed slots first and its draft nodes after them, so each module runs once per step (plus its reuse
+beyond depth D), and the MTP caches are committed when the next tree is complete. Every step appends the same
+number of slots (the draft depth + 1, the rows keeping `counts` of them), so each pass has one shape per draft
+shape.
 """
 
 from __future__ import annotations
@@ -24,26 +26,12 @@ import torch
 
 from .cache import LatentCache
 from .model import DeepseekForCausalLM
-from .model.plan import AttentionPlan
+from .model.plan import AttentionPlan, attention_impl
 from .numerics import ensure_finite
 from .params import DraftParams
 from .sampling import SamplingParams
 from .tree_growth import TreeGrowth
 from .verify.tree import DraftTree
-
-EXPANDED_MIN_TOKENS = 32  # forwards over at least this many new tokens use expanded (decompressed) attention
-
-
-def attention_impl(num_new_tokens: int) -> str:
-    """Expanded attention pays off for long prefills; decode and verify use the absorbed path."""
-    return "expanded" if num_new_tokens >= EXPANDED_MIN_TOKENS else "absorbed"
-
-
-def causal_visibility(batch: int, n: int, positions: torch.Tensor, start: int) -> torch.Tensor:
-    """[B, n, n]: causal, hiding keys whose position is below `start`; every query always sees itself."""
-    causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=positions.device)
-    return (causal & (positions >= start)[:, None, :]) | eye
 
 
 @dataclass
@@ -70,6 +58,7 @@ class _Append:
     positions: torch.Tensor  # [B, m]
     earlier: torch.Tensor  # [D, B, H] the stash before the append
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # module -> [B, m, H]
+    stashes: dict[int, torch.Tensor] = field(default_factory=dict)  # module -> [B, H] output at the new last slot
 
     @property
     def size(self) -> int:
@@ -81,25 +70,42 @@ class _Append:
             return self.trunk_hidden
         return torch.cat([self.earlier[k - 1][:, None], self.outputs[k - 1][:, :-1]], dim=1)
 
-    def stash(self, k: int) -> torch.Tensor:
-        """Module k's output at its new last committed slot [B, H]."""
+    def finish(self, k: int, outputs: torch.Tensor) -> None:
+        self.outputs[k] = outputs
         rows = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return self.outputs[k][rows, self.counts - 1]
+        self.stashes[k] = outputs[rows, self.counts - 1]
 
 
 @dataclass
-class _ModuleScratch:
-    """Uncommitted entries one MTP module computed during the current draft (after `prefix` appended slots)."""
+class _Scratch:
+    """Uncommitted draft entries one MTP module computed during the current step, in scratch-slot order."""
 
-    nodes: torch.Tensor  # [B, c] pool node indices, in scratch-slot order
+    nodes: torch.Tensor  # [B, c] pool node of each entry
     outputs: torch.Tensor  # [B, c, H]
-    prefix: int = 0
 
-    def output_of(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Outputs [B, u, H] for nodes [B, u] (each must have an entry)."""
-        match = self.nodes[:, None, :] == nodes[:, :, None]  # [B, u, c]
-        index = match.float().argmax(dim=-1)
-        return self.outputs.gather(1, index[..., None].expand(-1, -1, self.outputs.shape[-1]))
+
+@dataclass
+class _Step:
+    """One draft step: the append, the tree growing, and each module's scratch entries."""
+
+    state: MTPState
+    append: _Append
+    growth: TreeGrowth
+    trunk_lengths: torch.Tensor  # [B] L, the trunk length the tree hangs from
+    scratch: dict[int, _Scratch] = field(default_factory=dict)
+
+    def hidden_of_parents(self, nodes: torch.Tensor, source: int) -> torch.Tensor:
+        """E(parent(u), source) for nodes [B, u]: module `source`'s stash for children of the root, else its
+        scratch output of the parent (every parent was computed by that module earlier in this step)."""
+        parents = self.growth.parents.gather(1, nodes)
+        stash = self.append.stashes[source][:, None]  # [B, 1, H]
+        entries = self.scratch.get(source)
+        if entries is None:
+            return stash.expand(-1, nodes.shape[1], -1)
+        candidates = torch.cat([stash, entries.outputs], dim=1)  # [B, 1 + c, H]: the root's, then each entry's
+        match = entries.nodes[:, None, :] == parents[:, :, None]  # [B, u, c]
+        index = torch.where(parents > 0, match.int().argmax(dim=-1) + 1, 0)
+        return candidates.gather(1, index[..., None].expand(-1, -1, candidates.shape[-1]))
 
 
 class Drafter:
@@ -118,15 +124,19 @@ class Drafter:
         """Modules in use: module j drafts depth j, so a draft shallower than D never needs the deeper ones."""
         return min(self.model.num_mtp, self.draft_params.max_depth)
 
+    @property
+    def append_size(self) -> int:
+        """Slots every step appends (the rows keep their own count of them): the most one step can commit."""
+        return self.draft_params.max_depth + 1
+
     def start(self, trunk_hidden: torch.Tensor, next_tokens: torch.Tensor, prompt_lens: torch.Tensor,
               capacity: int, roots: torch.Tensor, trunk_lengths: torch.Tensor) -> tuple[MTPState, DraftTree]:
         """Fill every module's cache for slots [j, P] (next_tokens [B, P] holds t_1..t_P per row, padded) and
         draft the first tree from roots [B]."""
-        b, p, h = trunk_hidden.shape
+        b, _, h = trunk_hidden.shape
         cfg = self.model.config
         cache = LatentCache(self.num_modules, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                            trunk_hidden.dtype, trunk_hidden.device)
-        cache.lengths.fill_(1)
+                            trunk_hidden.dtype, trunk_hidden.device, initial_length=1)
         no_earlier_output = trunk_hidden.new_zeros(self.num_modules, b, h)  # slot 0 is never valid
         state = MTPState(cache, no_earlier_output)
         return state, self.advance(state, trunk_hidden, next_tokens, prompt_lens, roots, trunk_lengths)
@@ -140,103 +150,93 @@ class Drafter:
         """
         m = new_tokens.shape[1]
         positions = state.cache.lengths[:, None] + torch.arange(m, device=new_tokens.device)
-        append = _Append(trunk_hidden, new_tokens, counts, positions, state.stash)
-        tree = self._grow(state, roots, trunk_lengths, append)
+        step = _Step(state, _Append(trunk_hidden, new_tokens, counts, positions, state.stash),
+                     TreeGrowth(roots, self.draft_params, self.sampling, self.generator, self.model.config.vocab_size),
+                     trunk_lengths)
+        tree = self._grow(step)
         for k in range(self.num_modules):
-            self._ensure_appended(state, append, {}, k, trunk_lengths)
-        state.cache.commit(torch.arange(m, device=new_tokens.device).expand_as(new_tokens), counts)
-        state.stash = torch.stack([append.stash(k) for k in range(self.num_modules)])
+            if k not in step.append.outputs:  # a module no draft depth needed still keeps its cache
+                self._pass(step, k, step.growth.frontier(0)[:, :0])
+        state.cache.commit(None, counts)  # the kept appended slots are the first counts[b] scratch slots
+        state.stash = torch.stack([step.append.stashes[k] for k in range(self.num_modules)])
         return tree
 
-    def _grow(self, state: MTPState, roots: torch.Tensor, trunk_lengths: torch.Tensor, append: _Append) -> DraftTree:
-        """Grow one draft tree from the pending tokens roots [B], depth by depth."""
-        growth = TreeGrowth(roots, self.draft_params, self.sampling, self.generator, self.model.config.vocab_size)
-        scratch: dict[int, _ModuleScratch] = {}
-        self._ensure_appended(state, append, scratch, 0, trunk_lengths)
-        frontier = torch.zeros(roots.shape[0], 1, dtype=torch.long, device=roots.device)
-        frontier_logits = self.model.mtp_logits(0, append.stash(0))[:, None]  # [B, 1, V]
-        for depth in range(1, self.draft_params.max_depth + 1):
-            self._ensure_finite(frontier_logits, depth)
-            growth.expand(depth - 1, frontier, frontier_logits)
-            if depth == self.draft_params.max_depth:
+    def _grow(self, step: _Step) -> DraftTree:
+        """Grow one draft tree from the pending tokens, depth by depth."""
+        growth = step.growth
+        self._pass(step, 0, growth.frontier(0)[:, :0])  # module 1 appends; its new stash drafts depth 1
+        logits = self.model.mtp_logits(0, step.append.stashes[0])[:, None]  # [B, 1, V]
+        max_depth = self.draft_params.max_depth
+        for depth in range(1, max_depth + 1):
+            self._ensure_finite(logits, depth)
+            growth.expand(depth - 1, growth.frontier(depth - 1), logits)
+            if depth == max_depth:
                 break
-            frontier = growth.frontier(depth)
-            if frontier.shape[1] == 0:
-                break
-            frontier_logits = self._frontier_logits(state, growth, scratch, append, depth + 1, trunk_lengths)
+            logits = self._frontier_logits(step, depth + 1)
         return growth.finish()
 
     def _ensure_finite(self, logits: torch.Tensor, depth: int) -> None:
         n, k = self.model.config.num_hidden_layers, min(depth, self.num_modules) - 1
         ensure_finite(logits, f"MTP module {k + 1} (checkpoint layer model.layers.{n + k})")
 
-    def _ensure_appended(self, state, append, scratch, k, trunk_lengths) -> None:
-        """Run module k over its new slots alone if no draft forward has carried them yet."""
-        if k not in append.outputs:
-            empty = torch.zeros(append.tokens.shape[0], 0, dtype=torch.long, device=append.tokens.device)
-            self._run_module(state, None, scratch, append, k, empty, None, trunk_lengths)
-
-    def _frontier_logits(self, state, growth, scratch, append, depth, trunk_lengths) -> torch.Tensor:
-        """Logits [B, w, V] at the expanded nodes of depth-1, from module min(depth, D)."""
+    def _frontier_logits(self, step: _Step, depth: int) -> torch.Tensor:
+        """Logits [B, w, V] at the frontier nodes of depth-1 (their children's distribution), from module
+        min(depth, D): module j's first pass carries every frontier node of depths 1..j-1, later reuse passes of
+        module D the new frontier only."""
+        growth = step.growth
         k = min(depth, self.num_modules) - 1
-        if depth <= self.num_modules:
-            nodes = torch.cat([growth.frontier(d) for d in range(1, depth)], dim=1)
-            source = k - 1
-        else:
-            nodes = growth.frontier(depth - 1)
-            source = k
-        prev = self._hidden_of_parents(growth, scratch, append, nodes, source)
-        out = self._run_module(state, growth, scratch, append, k, nodes, prev, trunk_lengths)
-        frontier_out = out[:, -growth.frontier(depth - 1).shape[1]:]
-        return self.model.mtp_logits(k, frontier_out)
+        if depth <= self.num_modules:  # module k's first pass, fed by module k - 1
+            nodes, source = torch.cat([growth.frontier(d) for d in range(1, depth)], dim=1), k - 1
+        else:  # module D reused on its own outputs
+            nodes, source = growth.frontier(depth - 1), k
+        out = self._pass(step, k, nodes, source)
+        return self.model.mtp_logits(k, out[:, -growth.frontier(depth - 1).shape[1]:])
 
-    def _hidden_of_parents(self, growth, scratch, append, nodes, source) -> torch.Tensor:
-        """E(parent(u), source) for nodes [B, u]: the stash for root parents, else the scratch outputs."""
-        parents = growth.parents.gather(1, nodes)
-        from_stash = append.stash(source)[:, None].expand(-1, nodes.shape[1], -1)
-        if source not in scratch or scratch[source].nodes.shape[1] == 0:
-            return from_stash
-        safe_parents = torch.where(parents == 0, scratch[source].nodes[:, :1], parents)
-        from_scratch = scratch[source].output_of(safe_parents)
-        return torch.where((parents == 0)[..., None], from_stash, from_scratch)
-
-    def _run_module(self, state, growth, scratch, append, k, nodes, prev, trunk_lengths) -> torch.Tensor:
-        """Module k (0-based) on draft nodes [B, u] after its earlier scratch entries; its first forward of a
-        step also carries the appended slots, ahead of the nodes. Returns the nodes' outputs [B, u, H]."""
+    def _pass(self, step: _Step, k: int, nodes: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Module k (0-based) on draft nodes [B, u] (fed by module `source`'s outputs at their parents) after its
+        earlier scratch entries; its first pass of a step also carries the appended slots, ahead of the nodes.
+        Returns the nodes' outputs [B, u, H]."""
+        append, growth = step.append, step.growth
         carry = k not in append.outputs
-        m = append.size if carry else 0
-        old = scratch.get(k, _ModuleScratch(nodes[:, :0], append.trunk_hidden[:, :0], append.size))
-        entries = torch.cat([old.nodes, nodes], dim=1)  # [B, c] draft entries
-        visible = self._visibility(growth, append, old, nodes, entries, k, carry, trunk_lengths)
+        old = step.scratch.get(k)
         positions, tokens, hidden = [], [], []
         if carry:
             positions.append(append.positions), tokens.append(append.tokens), hidden.append(append.hidden_in(k))
         if nodes.shape[1]:
-            positions.append(trunk_lengths[:, None] + growth.depths[nodes])
+            positions.append(step.trunk_lengths[:, None] + growth.depths[nodes])
             tokens.append(growth.tokens.gather(1, nodes))
-            hidden.append(prev)
-        plan = AttentionPlan.over_cache(state.cache, torch.cat(positions, 1), visible, start=k + 1,
+            hidden.append(step.hidden_of_parents(nodes, source))
+        visible = self._visibility(step, k, nodes, carry)
+        plan = AttentionPlan.over_cache(step.state.cache, torch.cat(positions, 1), visible, start=k + 1,
                                         impl=attention_impl(visible.shape[1]))
         out = self.model.forward_mtp(k, torch.cat(hidden, 1), torch.cat(tokens, 1), plan)
+        m = append.size if carry else 0
         if carry:
-            append.outputs[k] = out[:, :m]
-        scratch[k] = _ModuleScratch(entries, torch.cat([old.outputs, out[:, m:]], dim=1), old.prefix)
+            append.finish(k, out[:, :m])
+        if nodes.shape[1]:
+            new = _Scratch(nodes, out[:, m:])
+            step.scratch[k] = new if old is None else _Scratch(torch.cat([old.nodes, nodes], 1),
+                                                               torch.cat([old.outputs, new.outputs], 1))
         return out[:, m:]
 
     @staticmethod
-    def _visibility(growth, append, old, nodes, entries, k, carry, trunk_lengths) -> torch.Tensor:
-        """[B, q, prefix + c]: appended slots see each other causally; draft nodes see the kept appended
-        slots and their own ancestors; every query sees itself; no key below position k+1 is visible."""
-        b, m, u, c = nodes.shape[0], old.prefix, nodes.shape[1], entries.shape[1]
+    def _visibility(step: _Step, k: int, nodes: torch.Tensor, carry: bool) -> torch.Tensor:
+        """[B, q, m + c]: appended slots see each other causally; draft nodes see the kept appended slots, their
+        own ancestors among this module's entries, and themselves; no key below position k+1 is visible."""
+        append, growth = step.append, step.growth
+        old = step.scratch.get(k)
+        entries = nodes if old is None else torch.cat([old.nodes, nodes], dim=1)  # [B, c] this module's entries
+        b, m, u, c = nodes.shape[0], append.size, nodes.shape[1], entries.shape[1]
         device = nodes.device
         slot_ok = append.positions >= k + 1  # [B, m]
-        kept = (torch.arange(m, device=device) < append.counts[:, None]) & slot_ok  # [B, m]
         rows = []
         if carry:
-            causal = causal_visibility(b, m, append.positions, start=k + 1)
+            causal = torch.ones(m, m, dtype=torch.bool, device=device).tril() & slot_ok[:, None, :]
+            causal = causal | torch.eye(m, dtype=torch.bool, device=device)
             rows.append(torch.cat([causal, causal.new_zeros(b, m, c)], dim=2))
         if u:
-            entry_ok = (trunk_lengths[:, None] + growth.depths[entries]) >= k + 1
+            kept = (torch.arange(m, device=device) < append.counts[:, None]) & slot_ok  # [B, m]
+            entry_ok = (step.trunk_lengths[:, None] + growth.depths[entries]) >= k + 1  # [B, c]
             draft = growth.ancestors(nodes, entries) & entry_ok[:, None, :]
             draft[:, torch.arange(u), torch.arange(c - u, c)] = True
             rows.append(torch.cat([kept[:, None, :].expand(b, u, m), draft], dim=2))

@@ -13,10 +13,10 @@ from typing import Callable, Iterator
 import torch
 
 from .cache import LatentCache
-from .drafter import Drafter, MTPState, attention_impl, causal_visibility
+from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
 from .model import DeepseekForCausalLM
-from .model.plan import AttentionPlan
+from .model.plan import AttentionPlan, attention_impl, causal_visibility
 from .numerics import ensure_finite, first_nonfinite_module
 from .params import GenerationRequest
 from .sampling import logits_to_probs, sample
@@ -109,7 +109,7 @@ class Engine:
         logits = self.model.logits(hidden[rows, lens - 1])
         self._ensure_finite(logits, ids, plan)
         first = self._pick(logits)
-        trunk.commit(torch.arange(p, device=device).expand(b, p), lens)
+        trunk.commit(None, lens)
         mtp, tree = None, None
         if self.drafting:
             next_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)

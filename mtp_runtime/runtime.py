@@ -101,7 +101,7 @@ class Runtime:
 
     def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
                  attention: str = "auto", parallel: ParallelGroup | None = None):
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # inference only; ops on grad-free weights dispatch faster
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.path = path
@@ -143,7 +143,7 @@ class Runtime:
                                 tie_word_embeddings=config.tie_word_embeddings,
                                 block_size=weight_block_size(raw_config))
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary.to(device)
+        model.to(device)  # the non-persistent buffers (RoPE tables, norm constants) were built on the CPU
         if parallel is not None:
             shard_model(model, parallel)
         return cls(model, load_tokenizer(path), path, attention, parallel)

@@ -40,4 +40,4 @@ def test_flash_causal_matches_sdpa():
     v = torch.randn(2, 37, 4, 32, device="cuda", dtype=torch.bfloat16)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=0.1).transpose(1, 2)
-    assert (flash.flash_causal(q, k, v, 0.1) - expected).abs().max() < 2e-2
+    assert (flash.causal_attention(q, k, v, 0.1) - expected).abs().max() < 2e-2

@@ -61,12 +61,12 @@ def test_absorbed_and_expanded_attention_agree(model, layer, start):
     visible = random_tree_mask(b, n, seed=layer)
     positions = torch.tensor(lengths)[:, None] + torch.tensor([0, 1, 1, 2, 3])
     hidden = torch.randn(b, n, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
-    cos_sin = model.rotary.cos_sin(positions, hidden.dtype)
+    rope = model.rotary.tables(positions, hidden.dtype, matrices=True)
     outs = {}
     for impl in ("absorbed", "expanded"):
         cache = random_prefix_cache(cfg, cfg.num_hidden_layers, lengths, 32, seed=3)
         plan = AttentionPlan.over_cache(cache, positions, visible, start=start, impl=impl)
-        outs[impl] = attn(hidden, plan, model.rotary, cos_sin)
+        outs[impl] = attn(hidden, plan, rope)
     assert torch.isfinite(outs["absorbed"]).all()
     assert (outs["absorbed"] - outs["expanded"]).abs().max() <= ATTN_ATOL
 
@@ -78,11 +78,11 @@ def test_absorbed_and_expanded_agree_without_q_compression():
     visible = random_tree_mask(1, 4, seed=5)
     positions = torch.tensor([[3, 4, 4, 5]])
     hidden = torch.randn(1, 4, cfg.hidden_size, generator=torch.Generator().manual_seed(8))
-    cos_sin = m.rotary.cos_sin(positions, hidden.dtype)
+    rope = m.rotary.tables(positions, hidden.dtype, matrices=True)
     outs = []
     for impl in ("absorbed", "expanded"):
         cache = random_prefix_cache(cfg, cfg.num_hidden_layers, [3], 16, seed=6)
-        outs.append(attn(hidden, AttentionPlan.over_cache(cache, positions, visible, impl=impl), m.rotary, cos_sin))
+        outs.append(attn(hidden, AttentionPlan.over_cache(cache, positions, visible, impl=impl), rope))
     assert (outs[0] - outs[1]).abs().max() <= ATTN_ATOL
 
 
@@ -96,7 +96,7 @@ def test_attention_matches_naive_reference_over_cache(model):
     hidden = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(10))
     cache = random_prefix_cache(cfg, cfg.num_hidden_layers, lengths, 16, seed=11)
     plan = AttentionPlan.over_cache(cache, positions, visible)
-    got = attn(hidden, plan, model.rotary, model.rotary.cos_sin(positions, hidden.dtype))
+    got = attn(hidden, plan, model.rotary.tables(positions, hidden.dtype, matrices=True))
     # the forward wrote the new entries; the reference attends over the same slots with the same mask
     ref = torch.stack([
         naive_attention(attn, cfg, hidden[r], positions[r], cache.c_kv[1, r, : plan.mask.shape[-1]],
@@ -122,7 +122,7 @@ def test_incremental_decoding_equals_full_forward(model, prefill, prefill_impl):
     plan = AttentionPlan.over_cache(cache, positions, causal, impl=prefill_impl)
     logits = [model.logits(model.forward_trunk(ids[:, :prefill], plan))]
     assert cache.lengths.tolist() == [0, 0]  # the model never commits
-    cache.commit(positions, torch.full((b,), prefill))
+    cache.commit(None, torch.full((b,), prefill))
     for t in range(prefill, total):
         plan = AttentionPlan.over_cache(cache, cache.lengths[:, None].clone(), torch.ones(b, 1, 1, dtype=torch.bool))
         before = cache.lengths.clone()

@@ -320,7 +320,7 @@ def test_commit_keeps_exactly_the_accepted_path_entries(case):
         k_new = torch.randn(layers, batch, n, rope, generator=gen)
         slots = cache.lengths[:, None] + torch.arange(n)
         for layer in range(layers):
-            cache.write(layer, slots, c_new[layer], k_new[layer])
+            cache.write(layer, slots, torch.cat([c_new[layer], k_new[layer]], dim=-1))
         # the engine commits the accepted path, padded with -1 then clamped to 0, as offsets
         paths = [ancestors_of(p, last) for p, last in zip(parents, lasts)]
         width = max(len(path) for path in paths)

@@ -10,7 +10,7 @@ from .mla import MLA
 from .moe import DenseMLP, MoE
 from .norm import RMSNorm
 from .plan import AttentionPlan
-from .rope import Rotary
+from .rope import RopeTables
 
 
 class DecoderLayer(nn.Module):
@@ -26,7 +26,6 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, plan: AttentionPlan, rotary: Rotary,
-                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), plan, rotary, cos_sin)
+    def forward(self, hidden: torch.Tensor, plan: AttentionPlan, rope: RopeTables) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), plan, rope)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

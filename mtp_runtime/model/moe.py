@@ -1,12 +1,29 @@
-"""DeepSeekMoE: a routing gate, fine-grained routed experts run grouped by expert, and shared experts."""
+"""DeepSeekMoE: a routing gate, fine-grained routed experts, and shared experts.
+
+Routed experts never run as a Python loop over tokens, and never copy weights:
+* one token (a plain decode step): its k chosen experts run directly on views of their weights, so only k experts'
+  weights are read (decoding a small model is bound by the bytes of weights it reads);
+* a few tokens of a layer whose experts are small (a verify or draft step of a small model: at most as many
+  (token, expert) pairs as experts): every expert runs on every token and unchosen ones get weight zero, with no
+  sort and no data-dependent shape, which compiles into one graph;
+* otherwise: tokens sorted by expert, then one grouped matmul per projection over every expert's segment
+  (`grouped_swiglu`, an op of its own), which reads each used expert once; training runs each expert once on its
+  segment instead (`swiglu_per_expert`, differentiable).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+
+DENSE_EXPERTS_MAX_BYTES = 16 * 2**20
+"""Routed experts of a layer up to this size may run densely (their weights stay in cache, so reading all of them
+costs little more than reading the chosen ones)."""
 
 
 class DenseMLP(nn.Module):
@@ -19,7 +36,12 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for weight matrices [I, H], [I, H], [H, I]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 class Gate(nn.Module):
@@ -38,13 +60,13 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if cfg.topk_method == "noaux_tc" else scores
-        if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
+        if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.topk_group < cfg.n_group:
             choice = self._mask_groups(choice)
         ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        return (weights * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else weights), ids
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep only the topk_group best expert groups of each token."""
@@ -60,10 +82,36 @@ class Gate(nn.Module):
         return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
 
 
-GATHERED_MAX_TOKENS = 1
-"""Up to this many tokens (a plain decode step of one sequence), the chosen experts run as one batched matmul over
-their gathered weights: no host sync, no Python loop. Gathering copies k expert matrices per token, so from two
-tokens on, sorting tokens by expert and running each expert once is faster (measured: BENCHMARKS.md)."""
+def swiglu_per_expert(rows: torch.Tensor, ends: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of expert e over its segment of the expert-sorted rows [N, H] (segment e ends at row ends[e]), for
+    stacked weights gate/up [E, I, H] and down [E, H, I] -> [N, H]; each expert with rows runs once (the segment
+    ends are read on the host). Differentiable: training takes this path."""
+    outputs = torch.empty(rows.shape[0], down.shape[1], dtype=rows.dtype, device=rows.device)
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            outputs[start:end] = swiglu(rows[start:end], gate[expert], up[expert], down[expert])
+        start = end
+    return outputs
+
+
+@torch.library.custom_op("mtp_runtime::grouped_swiglu", mutates_args=())
+def grouped_swiglu(rows: torch.Tensor, ends: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """`swiglu_per_expert` as one grouped matmul per projection where torch has one for the device (the CPU);
+    an op of its own, opaque to torch.compile, so that compiled graphs stay whole around it. Inference only."""
+    if not (hasattr(torch, "_grouped_mm") and rows.device.type == "cpu"):
+        return swiglu_per_expert(rows, ends, gate, up, down)
+    offsets = ends.to(torch.int32)
+    act = F.silu(torch._grouped_mm(rows, gate.transpose(1, 2), offs=offsets))
+    act = act * torch._grouped_mm(rows, up.transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(act, down.transpose(1, 2), offs=offsets)
+
+
+@grouped_swiglu.register_fake
+def _grouped_swiglu_shape(rows, ends, gate, up, down):
+    return rows.new_empty(rows.shape[0], down.shape[1])
 
 
 class RoutedExperts(nn.Module):
@@ -78,38 +126,48 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] -> weighted sum of expert outputs [T, H]."""
-        if ids.shape[0] <= GATHERED_MAX_TOKENS:
-            return self._gathered(x, weights, ids)
-        return self._grouped(x, weights, ids)
-
-    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Each (token, expert) pair as one row of a batched matmul over the chosen experts' weights."""
-        t, k = ids.shape
-        flat_ids = ids.reshape(-1)  # [T * k]
-        rows = x[:, None, :].expand(t, k, x.shape[-1]).reshape(t * k, 1, -1)  # [T * k, 1, H]
-        gate = rows @ self.gate_proj[flat_ids].transpose(1, 2)  # [T * k, 1, I]
-        act = F.silu(gate) * (rows @ self.up_proj[flat_ids].transpose(1, 2))
-        out = (act @ self.down_proj[flat_ids].transpose(1, 2)).view(t, k, -1)  # [T, k, H]
-        return (out * weights[..., None].to(out.dtype)).sum(dim=1)
-
-    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert; each expert with tokens runs once on its contiguous segment."""
-        k = ids.shape[1]
+        if x.shape[0] == 1:
+            return self._one_token(x, weights, ids)
+        if self._small and x.shape[0] * ids.shape[1] <= self.gate_proj.shape[0]:
+            return self._dense(x, weights, ids)
+        experts, k = self.gate_proj.shape[0], ids.shape[1]
         flat_ids = ids.reshape(-1)  # [T * k]
         order = flat_ids.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0]).tolist()
-        rows = x[token_of]  # [T * k, H] sorted by expert
-        outputs = torch.empty_like(rows)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                seg = rows[start:start + count]
-                act = F.silu(seg @ self.gate_proj[expert].T) * (seg @ self.up_proj[expert].T)
-                outputs[start:start + count] = act @ self.down_proj[expert].T
-                start += count
+        counts = torch.zeros(experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids))
+        segments = swiglu_per_expert if torch.is_grad_enabled() else grouped_swiglu
+        outputs = segments(x[token_of], counts.cumsum(0), self.gate_proj, self.up_proj, self.down_proj)
         scaled = outputs * weights.reshape(-1)[order, None].to(outputs.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, scaled)
+
+    @functools.cached_property
+    def _small(self) -> bool:
+        size = sum(t.numel() * t.element_size() for t in (self.gate_proj, self.up_proj, self.down_proj))
+        return size <= DENSE_EXPERTS_MAX_BYTES
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token through views of the stacked weights, unchosen ones weighted zero."""
+        experts, inner, hidden = self.gate_proj.shape
+        t = x.shape[0]
+        gate = F.linear(x, self.gate_proj.view(experts * inner, hidden))  # [T, E * I]
+        up = F.linear(x, self.up_proj.view(experts * inner, hidden))
+        dense_weights = torch.zeros(t, experts, dtype=x.dtype, device=x.device).scatter_(1, ids, weights.to(x.dtype))
+        act = (F.silu(gate) * up).view(t, experts, inner) * dense_weights[..., None]  # [T, E, I]
+        return torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(dim=0)  # [E, T, H] summed over E
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [1, H]: each chosen expert on views of its own weights (ids read once: a host read, or unbacked ints
+        in a compiled graph)."""
+        experts = self.gate_proj.shape[0]
+        out = None
+        for slot, expert in enumerate(ids[0].tolist()):
+            torch._check(expert >= 0)
+            torch._check(expert < experts)
+            y = swiglu(x, self.gate_proj[expert], self.up_proj[expert], self.down_proj[expert])
+            y = y * weights[:, slot, None].to(y.dtype)
+            out = y if out is None else out + y
+        return out
 
 
 class MoE(nn.Module):

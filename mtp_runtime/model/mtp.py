@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from .block import DecoderLayer
 from .norm import RMSNorm
 from .plan import AttentionPlan
-from .rope import Rotary
+from .rope import RopeTables
 
 
 class SharedHead(nn.Module):
@@ -38,8 +38,8 @@ class MTPModule(DecoderLayer):
         self.embed_tokens = nn.Embedding(config.vocab_size, h) if own_embedding else None
 
     def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, plan: AttentionPlan,
-                rotary: Rotary, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: RopeTables) -> torch.Tensor:
         """prev_hidden, token_embeds [B, n, H] -> normalised h^k [B, n, H]."""
         combined = torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1)  # [B, n, 2H]
-        hidden = super().forward(self.eh_proj(combined), plan, rotary, cos_sin)
+        hidden = super().forward(self.eh_proj(combined), plan, rope)
         return self.shared_head.norm(hidden)

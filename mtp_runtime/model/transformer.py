@@ -10,7 +10,7 @@ from .block import DecoderLayer
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .plan import AttentionPlan
-from .rope import Rotary
+from .rope import RopeTables, Rotary
 
 
 class Backbone(nn.Module):
@@ -43,9 +43,9 @@ class DeepseekForCausalLM(nn.Module):
     def forward_trunk(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """input_ids [B, n] -> final-normed hidden states [B, n, H]."""
         hidden = self.model.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(plan.positions, hidden.dtype)
+        rope = self.rope_tables(plan, hidden.dtype)
         for layer in self.model.layers:
-            hidden = layer(hidden, plan, self.rotary, cos_sin)
+            hidden = layer(hidden, plan, rope)
         return self.model.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,11 @@ class DeepseekForCausalLM(nn.Module):
         module = self.mtp[k]
         embed = module.embed_tokens if module.embed_tokens is not None else self.model.embed_tokens
         token_embeds = embed(token_ids)
-        cos_sin = self.rotary.cos_sin(plan.positions, token_embeds.dtype)
-        return module(prev_hidden, token_embeds, plan, self.rotary, cos_sin)
+        return module(prev_hidden, token_embeds, plan, self.rope_tables(plan, token_embeds.dtype))
+
+    def rope_tables(self, plan: AttentionPlan, dtype: torch.dtype) -> RopeTables:
+        """One forward's RoPE tables; forwards over a cache also get the rotation matrices they rotate with."""
+        return self.rotary.tables(plan.positions, dtype, matrices=plan.cache is not None)
 
     def mtp_logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head of MTP module k on its normed output -> logits [.., vocab] in float32."""

@@ -107,7 +107,6 @@ class Trainer:
         self.tokenizer, self.train_ids, self.held_ids = self._prepare_data()
         self.model, self.raw_config = self._build_model()
         self.model.to(settings.device)
-        self.model.rotary.to(settings.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -291,7 +290,6 @@ def init_weights(model: DeepseekForCausalLM, std: float = 0.02) -> None:
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.zero_()
-    model.rotary.to("cpu")
 
 
 def _jsonable(value):
