@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
-from .model import DeepseekForCausalLM
+from .forwards import Forwards
 from .model.plan import AttentionPlan, attention_impl
 from .numerics import ensure_finite
 from .params import DraftParams
@@ -92,6 +92,7 @@ class _Step:
     append: _Append
     growth: TreeGrowth
     trunk_lengths: torch.Tensor  # [B] L, the trunk length the tree hangs from
+    prompt: bool = False  # the first step, which appends the whole prompt
     scratch: dict[int, _Scratch] = field(default_factory=dict)
 
     def hidden_of_parents(self, nodes: torch.Tensor, source: int) -> torch.Tensor:
@@ -112,9 +113,10 @@ class Drafter:
     """Runs the MTP modules: `start` fills their caches from the prompt, `advance` appends each step's
     accepted slots; both draft the next tree in the same forwards."""
 
-    def __init__(self, model: DeepseekForCausalLM, draft: DraftParams, sampling: SamplingParams,
+    def __init__(self, forwards: Forwards, draft: DraftParams, sampling: SamplingParams,
                  generator: torch.Generator | None):
-        self.model = model
+        self.forwards = forwards
+        self.model = forwards.model
         self.draft_params = draft
         self.sampling = sampling
         self.generator = generator
@@ -139,10 +141,10 @@ class Drafter:
                             trunk_hidden.dtype, trunk_hidden.device, initial_length=1)
         no_earlier_output = trunk_hidden.new_zeros(self.num_modules, b, h)  # slot 0 is never valid
         state = MTPState(cache, no_earlier_output)
-        return state, self.advance(state, trunk_hidden, next_tokens, prompt_lens, roots, trunk_lengths)
+        return state, self.advance(state, trunk_hidden, next_tokens, prompt_lens, roots, trunk_lengths, prompt=True)
 
     def advance(self, state: MTPState, trunk_hidden: torch.Tensor, new_tokens: torch.Tensor, counts: torch.Tensor,
-                roots: torch.Tensor, trunk_lengths: torch.Tensor) -> DraftTree:
+                roots: torch.Tensor, trunk_lengths: torch.Tensor, prompt: bool = False) -> DraftTree:
         """Append slots L+1 .. L+counts to every module's cache and draft the next tree, fused.
 
         trunk_hidden [B, m, H] is the trunk's hidden state at the root and accepted nodes, new_tokens [B, m] the
@@ -152,7 +154,7 @@ class Drafter:
         positions = state.cache.lengths[:, None] + torch.arange(m, device=new_tokens.device)
         step = _Step(state, _Append(trunk_hidden, new_tokens, counts, positions, state.stash),
                      TreeGrowth(roots, self.draft_params, self.sampling, self.generator, self.model.config.vocab_size),
-                     trunk_lengths)
+                     trunk_lengths, prompt)
         tree = self._grow(step)
         for k in range(self.num_modules):
             if k not in step.append.outputs:  # a module no draft depth needed still keeps its cache
@@ -209,7 +211,7 @@ class Drafter:
         visible = self._visibility(step, k, nodes, carry)
         plan = AttentionPlan.over_cache(step.state.cache, torch.cat(positions, 1), visible, start=k + 1,
                                         impl=attention_impl(visible.shape[1]))
-        out = self.model.forward_mtp(k, torch.cat(hidden, 1), torch.cat(tokens, 1), plan)
+        out = self.forwards.mtp(k, torch.cat(hidden, 1), torch.cat(tokens, 1), plan, step=not step.prompt)
         m = append.size if carry else 0
         if carry:
             append.finish(k, out[:, :m])

@@ -15,6 +15,7 @@ import torch
 from .cache import LatentCache
 from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
+from .forwards import Forwards
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan, attention_impl, causal_visibility
 from .numerics import ensure_finite, first_nonfinite_module
@@ -53,8 +54,9 @@ class Engine:
     """Runs one generate request over a batch of token-id prompts."""
 
     def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
-                 stop_checker: StopChecker | None = None, flash_prefill: bool = True):
+                 stop_checker: StopChecker | None = None, flash_prefill: bool = True, forwards: Forwards | None = None):
         self.model = model
+        self.forwards = forwards if forwards is not None else Forwards(model)
         self.flash_prefill = flash_prefill  # False keeps the prefill on SDPA even where flash-attn could run
         self.request = request
         self.stop_checker = stop_checker
@@ -66,7 +68,9 @@ class Engine:
             raise NoMTPModulesError(
                 "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or add modules with "
                 "`mtp-runtime train --mtp-only`")
-        self.drafter = Drafter(model, request.draft, request.sampling, self.generator) if self.drafting else None
+        self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator) if self.drafting else None
+        shape = request.draft.shape
+        self.chain = shape is not None and shape.num_nodes == shape.max_depth + 1  # a commit never moves entries
 
     def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
         """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""
@@ -74,11 +78,12 @@ class Engine:
             start = time.perf_counter()
             batch = self._prefill(prompts)
             self.batch, self.stats = batch, batch.stats  # exposed read-only for inspection and tests
-            yield self._emit(batch, batch.pending[:, None], torch.ones_like(batch.pending), start)
+            first = batch.pending.tolist()
+            yield self._emit(batch, [[token] for token in first], start)
             while batch.seq_ids.numel():
                 step_start = time.perf_counter()
-                emitted, counts = self._step(batch)
-                yield self._emit(batch, emitted, counts, step_start)
+                emitted = self._step(batch)
+                yield self._emit(batch, emitted, step_start)
 
     def _capacity(self, prompts: list[list[int]]) -> int:
         longest = max(len(p) for p in prompts)
@@ -128,29 +133,29 @@ class Engine:
             return logits.argmax(dim=-1)
         return sample(logits_to_probs(logits, self.request.sampling), self.generator)
 
-    def _step(self, batch: _Batch):
-        """Verify (one trunk forward over the whole tree), accept, commit, and draft the next tree."""
+    def _step(self, batch: _Batch) -> list[list[int]]:
+        """Verify (one trunk forward over the whole tree), accept, commit, and draft the next tree; returns the
+        tokens each live row emitted (read from the device once per step)."""
         t0 = time.perf_counter()
         tree = batch.next_tree if self.drafting else self._root_only(batch)
         hidden, logits = self._verify(batch, tree)
         acceptance = self._accept(tree, logits)
         t1 = time.perf_counter()
-        emitted, counts = self._commit(batch, tree, acceptance)
+        emitted, counts, host = self._commit(batch, tree, acceptance)
         t2 = time.perf_counter()
-        if self.drafting and not self._length_reached_by_all(batch, counts):
-            path = acceptance.path[:, : emitted.shape[1]].clamp_min(0)  # root + accepted nodes, padded
+        if self.drafting and not self._length_reached_by_all(batch, host):
+            path = acceptance.path.clamp_min(0)  # root + accepted nodes, padded
             path_hidden = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))
             batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
                                                    batch.trunk.lengths)
         t3 = time.perf_counter()
-        self._record(batch, tree, acceptance, (t3 - t2, t1 - t0, t2 - t1))
-        return emitted, counts
+        self._record(batch, tree, host, (t3 - t2, t1 - t0, t2 - t1))
+        return [row[3: 3 + row[0]] for row in host]
 
-    def _length_reached_by_all(self, batch: _Batch, counts: torch.Tensor) -> bool:
+    def _length_reached_by_all(self, batch: _Batch, host: list[list[int]]) -> bool:
         """Every live sequence ends at max_new_tokens with this step, so no next tree is needed."""
-        done = [len(batch.generated[seq]) + int(c) >= self.request.max_new_tokens
-                for seq, c in zip(batch.seq_ids.tolist(), counts.tolist())]
-        return all(done)
+        return all(len(batch.generated[seq]) + row[0] >= self.request.max_new_tokens
+                   for seq, row in zip(batch.seq_ids.tolist(), host))
 
     @staticmethod
     def _root_only(batch: _Batch) -> DraftTree:
@@ -162,14 +167,13 @@ class Engine:
         """Trunk forward over all n tree nodes at positions L + depth, each seeing the prefix and its ancestors."""
         positions = batch.trunk.lengths[:, None] + tree.depths
         plan = AttentionPlan.over_cache(batch.trunk, positions, tree.ancestor_mask())
-        hidden = self.model.forward_trunk(tree.tokens, plan)
-        logits = self.model.logits(hidden)
+        hidden, logits = self.forwards.trunk(tree.tokens, plan)
         self._ensure_finite(logits, tree.tokens, plan)
         return hidden, logits
 
     def _ensure_finite(self, logits: torch.Tensor, ids: torch.Tensor, plan: AttentionPlan) -> None:
         """NaN/Inf in trunk logits is an error naming the first module that produced it (found by re-running the
-        forward, which rewrites the same uncommitted cache slots)."""
+        forward eagerly, which rewrites the same uncommitted cache slots)."""
         ensure_finite(logits, "trunk", lambda: first_nonfinite_module(
             self.model, lambda: self.model.forward_trunk(ids, plan)))
 
@@ -183,39 +187,44 @@ class Engine:
         return accept_sampling(tree, probs, self.generator)
 
     def _commit(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance):
-        """Keep the accepted path's cache entries; the bonus token becomes the next pending token."""
+        """Keep the accepted path's cache entries; the bonus token becomes the next pending token.
+
+        Returns emitted [B, P] (the accepted drafts then the bonus, padded to the tree depth + 1), counts [B], and
+        per row the host list [count, leaf reached, tree depth, *emitted]: the one read from the device a step
+        makes."""
         counts = acceptance.num_accepted + 1  # root + accepted drafts enter the trunk cache
         path = acceptance.path.clamp_min(0)
-        batch.trunk.commit(path, counts)
-        m = int(counts.max())
+        batch.trunk.commit(None if self.chain else path, counts)
         path_tokens = tree.tokens.gather(1, path)
-        emitted = torch.cat([path_tokens[:, 1:], acceptance.bonus[:, None]], dim=1)[:, :m]  # [B, m]
-        rows = torch.arange(emitted.shape[0], device=emitted.device)
-        emitted[rows, counts - 1] = acceptance.bonus
+        emitted = torch.cat([path_tokens[:, 1:], acceptance.bonus[:, None]], dim=1)  # [B, P]
+        emitted.scatter_(1, (counts - 1)[:, None], acceptance.bonus[:, None])
         batch.pending = acceptance.bonus
-        return emitted, counts
+        facts = [counts, self._leaf_reached(tree, acceptance), tree.depths.max(dim=1).values]
+        host = torch.cat([torch.stack(facts, dim=1), emitted], dim=1).tolist()
+        return emitted, counts, host
 
-    def _record(self, batch: _Batch, tree: DraftTree, acceptance: Acceptance, times) -> None:
+    @staticmethod
+    def _leaf_reached(tree: DraftTree, acceptance: Acceptance) -> torch.Tensor:
+        """[B] 1 where the last accepted node has no child in the tree (every draft below it was accepted)."""
+        last = acceptance.path.gather(1, acceptance.num_accepted[:, None])  # [B, 1]
+        return (tree.parents != last).all(dim=1).long()
+
+    def _record(self, batch: _Batch, tree: DraftTree, host: list[list[int]], times) -> None:
         drafted = tree.tokens.shape[1] - 1
-        depth = int(tree.depths.max()) if drafted else 0
-        last = acceptance.path.gather(1, acceptance.num_accepted[:, None]).squeeze(1)
-        nodes = torch.arange(tree.parents.shape[1], device=tree.parents.device)
-        has_child = (tree.parents[:, :, None] == nodes).any(dim=1)  # [B, n]
-        leaf = ~has_child.gather(1, last[:, None]).squeeze(1)
         for row, seq in enumerate(batch.seq_ids.tolist()):
+            count, leaf, depth = host[row][:3]
             stats = batch.stats[seq]
-            stats.record_step(drafted, depth, int(acceptance.num_accepted[row]), bool(leaf[row]))
+            stats.record_step(drafted, depth, count - 1, bool(leaf))
             stats.time_draft += times[0]
             stats.time_verify += times[1]
             stats.time_commit += times[2]
 
-    def _emit(self, batch: _Batch, emitted: torch.Tensor, counts: torch.Tensor, start: float) -> StepOutput:
+    def _emit(self, batch: _Batch, emitted: list[list[int]], start: float) -> StepOutput:
         """Apply stop conditions to this step's tokens, drop finished rows, and report what was emitted."""
         out, finished, keep = {}, [], []
         eos = set(self.request.eos_token_ids)
         for row, seq in enumerate(batch.seq_ids.tolist()):
-            tokens = emitted[row, : int(counts[row])].tolist()
-            tokens, stop = self._cut(batch.generated[seq], tokens, eos, seq)
+            tokens, stop = self._cut(batch.generated[seq], emitted[row], eos, seq)
             batch.generated[seq].extend(tokens)
             stats = batch.stats[seq]
             stats.new_tokens += len(tokens)

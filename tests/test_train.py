@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import mtp_runtime
 from mtp_runtime.train import corpus
+from mtp_runtime.train.objectives import window_losses
 from mtp_runtime.train.trainer import Trainer, TrainSettings
 
 TINY_ARCH = {
@@ -144,3 +146,77 @@ def test_default_corpus_excludes_installed_packages():
     files = corpus.list_files(corpus.default_corpus_roots())
     assert files == sorted(files) and len(files) > 100
     assert not any("site-packages" in f.parts for f in files)
+
+
+def test_continuations_are_the_trunks_own_output(micro_run):
+    """Greedy windows are exactly plain greedy decoding of their prompt; sampled ones differ from it."""
+    from mtp_runtime.train.continuations import generate_continuations
+
+    trainer, folder = micro_run
+    rt = mtp_runtime.load(folder)
+    windows = generate_continuations(rt, trainer.train_ids, count=8, prompt_tokens=6, window=20, seed=3,
+                                     temperature=1.0, batch_size=4)
+    assert windows.shape == (8, 20)
+    greedy = rt.generate(input_ids=windows[:4, :6].tolist(), max_new_tokens=14, draft="none", ignore_eos=True)
+    assert [g.token_ids for g in greedy] == windows[:4, 6:].tolist()
+    again = rt.generate(input_ids=windows[4:, :6].tolist(), max_new_tokens=14, draft="none", ignore_eos=True)
+    assert [g.token_ids for g in again] != windows[4:, 6:].tolist()  # the second batch was sampled
+    assert (windows[:, :6] == windows[:, :6]).all() and len({tuple(w[:6]) for w in windows.tolist()}) > 1
+
+
+def test_training_chains_each_depth_on_its_own_previous_output(micro_run, monkeypatch):
+    """Depth d runs module min(d, D) on depth d-1's output, at positions shifted by d: also beyond D."""
+    trainer, _ = micro_run
+    model = trainer.model
+    calls = []
+    original = type(model).forward_mtp
+
+    def record(self, k, prev, tokens, plan):
+        out = original(self, k, prev, tokens, plan)
+        calls.append((k, prev, tokens, plan.positions, out))
+        return out
+
+    monkeypatch.setattr(type(model), "forward_mtp", record)
+    window = torch.randint(0, 300, (2, 16 + 4 + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = window_losses(model, window, 16, distill=True, depth=4)
+    assert len(losses.mtp) == 4 and [c[0] for c in calls] == [0, 1, 1, 1]  # two modules, the last one reused
+    for d, (_, prev, tokens, positions, _) in enumerate(calls, start=1):
+        assert torch.equal(tokens, window[:, d: d + 16]) and torch.equal(positions[0], torch.arange(16) + d)
+        if d > 1:
+            assert prev is calls[d - 2][4]  # fed exactly the previous depth's own output
+
+
+def trunk_only(folder, dest):
+    """A copy of the checkpoint without its MTP layers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    n, config["num_nextn_predict_layers"] = config["num_hidden_layers"], 0
+    (dest / "config.json").write_text(json.dumps(config))
+    tensors = load_file(dest / "model.safetensors")
+    keep = {k: v for k, v in tensors.items() if not any(k.startswith(f"model.layers.{n + i}.") for i in range(8))}
+    save_file(keep, dest / "model.safetensors")
+    return dest
+
+
+def test_distilling_on_continuations_raises_acceptance(micro_run, tmp_path):
+    """Fresh MTP modules trained on the trunk's continuations accept more drafts than untrained ones."""
+    _, folder = micro_run
+    base = micro_settings(tmp_path, out_dir=tmp_path / "a", mtp_only=True, init=trunk_only(folder, tmp_path / "trunk"), distill=True, num_mtp=1, mtp_depth=2,
+                          continuations=48, continuation_prompt=8, eval_every=100)
+    untrained = Trainer(dataclasses.replace(base, steps=0)).train()
+    trained = Trainer(dataclasses.replace(base, out_dir=tmp_path / "b", steps=40, lr=2e-2)).train()
+    prompts = [[5, 17, 42, 9], [3, 8, 8, 120]]
+
+    def accepted(model_folder) -> float:
+        rt = mtp_runtime.load(model_folder)
+        runs = rt.generate(input_ids=prompts, max_new_tokens=40, draft="chain", num_draft_tokens=2, ignore_eos=True)
+        return sum(r.stats.tau for r in runs) / len(runs)
+
+    before, after = accepted(untrained), accepted(trained)
+    print("tau before", before, "after", after)
+    assert after > before + 0.3

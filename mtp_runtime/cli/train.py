@@ -44,6 +44,15 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
               help="Existing HF checkpoint folder whose trunk --mtp-only keeps.")
 @click.option("--distill", is_flag=True,
               help="MTP targets are the trunk's own predictions (self-distillation) instead of the corpus.")
+@click.option("--mtp-depth", type=click.IntRange(min=1), default=None,
+              help="Draft depths to train (default: one per MTP module); depths beyond --num-mtp train the last "
+                   "module on its own outputs, as drafting deeper than the module count reuses it.")
+@click.option("--continuations", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --mtp-only: train on N windows of the trunk's own continuations of corpus prompts (half "
+                   "greedy, half sampled), generated once into OUT/data, instead of on corpus windows: the text the "
+                   "modules will draft on. Losses count the generated part only.")
+@click.option("--continuation-prompt", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Corpus tokens that start each continuation window.")
 @click.option("--eval-every", default=200, show_default=True, help="Held-out evaluation interval (steps).")
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint interval (steps); rerun to resume.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (and export) after this much wall time.")
@@ -54,7 +63,8 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
               help="Override an architecture field of the default shape (repeatable), e.g. --arch hidden_size=128.")
 @friendly_errors
 def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, num_mtp, mtp_weight,
-          mtp_weight_late, mtp_only, init, distill, eval_every, save_every, max_minutes, threads, device, seed, arch):
+          mtp_weight_late, mtp_only, init, distill, mtp_depth, continuations, continuation_prompt, eval_every,
+          save_every, max_minutes, threads, device, seed, arch):
     """Train a small DeepSeek-V3-shaped model with MTP modules (or only MTP modules) on CORPUS.
 
     CORPUS: text files or folders (default: the running interpreter's standard-library Python sources).
@@ -70,7 +80,8 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
     settings = TrainSettings(
         out_dir=out_dir, corpus=list(corpus), steps=steps, batch_size=batch_size, context=context, lr=lr,
         warmup=warmup, vocab_size=vocab_size, num_mtp=num_mtp, mtp_weight=mtp_weight,
-        mtp_weight_late=mtp_weight_late, mtp_only=mtp_only, init=init, distill=distill, eval_every=eval_every,
+        mtp_weight_late=mtp_weight_late, mtp_only=mtp_only, init=init, distill=distill, mtp_depth=mtp_depth,
+        continuations=continuations, continuation_prompt=continuation_prompt, eval_every=eval_every,
         save_every=save_every, max_minutes=max_minutes, seed=seed, arch_overrides=parse_arch(arch),
         device=str(resolve_device(device)))
     folder = Trainer(settings).train()

@@ -3,6 +3,7 @@ periodic held-out evaluation, resumable checkpoints, and export as an HF DeepSee
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -20,6 +21,7 @@ from ..errors import MTPRuntimeError
 from ..model import DeepseekForCausalLM
 from ..model.moe import Gate
 from . import corpus
+from .continuations import generate_continuations
 from .objectives import window_losses
 
 
@@ -63,6 +65,15 @@ class TrainSettings:
     init: Path | None = None
     """An existing checkpoint folder: the frozen trunk for --mtp-only."""
     distill: bool = False
+    mtp_depth: int | None = None
+    """Draft depths trained (default: one per module); depths beyond num_mtp reuse the last module, as drafting
+    deeper than D does."""
+    continuations: int = 0
+    """With --mtp-only: train on this many windows of the trunk's own continuations of corpus prompts instead of
+    corpus windows (generated once, half greedy and half sampled; see continuations.py)."""
+    continuation_prompt: int = 64
+    """Corpus tokens at the start of each continuation window; MTP losses count only the generated part."""
+    continuation_temperature: float = 0.8
     eval_every: int = 200
     eval_windows: int = 64
     save_every: int = 100
@@ -107,6 +118,7 @@ class Trainer:
         self.tokenizer, self.train_ids, self.held_ids = self._prepare_data()
         self.model, self.raw_config = self._build_model()
         self.model.to(settings.device)
+        self.distill_windows = self._continuations() if settings.continuations else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -142,6 +154,34 @@ class Trainer:
             arrays.append(np.load(path))
         (data_dir / "held_out_files.txt").write_text("\n".join(map(str, split.held_out)) + "\n", encoding="utf-8")
         return tokenizer, arrays[0], arrays[1]
+
+    @property
+    def depth(self) -> int:
+        """Draft depths trained."""
+        return self.s.mtp_depth or self.s.num_mtp
+
+    @property
+    def window_length(self) -> int:
+        return self.s.context + self.depth + 1
+
+    def _continuations(self) -> np.ndarray:
+        """The trunk's own continuations of training-split prompts, generated once per run folder."""
+        if not self.s.mtp_only:
+            raise MTPRuntimeError("--continuations needs --mtp-only: the continuations come from a trained trunk")
+        if not 0 < self.s.continuation_prompt < self.window_length - 1:
+            raise MTPRuntimeError(f"--continuation-prompt {self.s.continuation_prompt} must lie in "
+                                  f"1..{self.window_length - 2} (the window is context + depth + 1 tokens)")
+        path = self.out / "data" / (f"continuations-{self.s.continuations}x{self.window_length}-"
+                                    f"{self.s.continuation_prompt}-{self.s.seed}.npy")
+        if not path.is_file():
+            from ..runtime import Runtime
+
+            runtime = Runtime(copy.deepcopy(self.model).to("cpu" if self.s.device == "cpu" else self.s.device))
+            windows = generate_continuations(
+                runtime, self.train_ids, self.s.continuations, self.s.continuation_prompt, self.window_length,
+                seed=self.s.seed, temperature=self.s.continuation_temperature)
+            np.save(path, windows)
+        return np.load(path)
 
     def _build_model(self):
         if self.s.mtp_only:
@@ -196,8 +236,8 @@ class Trainer:
         return late if late is not None and step >= 0.7 * self.s.steps else self.s.mtp_weight
 
     def windows(self, ids: np.ndarray, count: int, rng: np.random.Generator) -> torch.Tensor:
-        """count random windows of context + D + 1 tokens."""
-        length = self.s.context + self.s.num_mtp + 1
+        """count random windows of context + depth + 1 tokens."""
+        length = self.window_length
         starts = rng.integers(0, len(ids) - length, size=count)
         windows = torch.from_numpy(np.stack([ids[i: i + length].astype(np.int64) for i in starts]))
         return windows.to(self.s.device)
@@ -229,10 +269,17 @@ class Trainer:
     def _train_step(self) -> dict:
         self.model.train()
         rng = np.random.default_rng([self.s.seed, self.step])
-        batch = self.windows(self.train_ids, self.s.batch_size, rng)
+        loss_start = 0
+        if self.distill_windows is not None:
+            rows = rng.integers(0, len(self.distill_windows), size=self.s.batch_size)
+            batch = torch.from_numpy(self.distill_windows[rows]).to(self.s.device)
+            loss_start = self.s.continuation_prompt
+        else:
+            batch = self.windows(self.train_ids, self.s.batch_size, rng)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        losses = window_losses(self.model, batch, self.s.context, self.s.distill, not self.s.mtp_only)
+        losses = window_losses(self.model, batch, self.s.context, self.s.distill, not self.s.mtp_only, self.depth,
+                               loss_start)
         loss = losses.total(self.mtp_weight_at(self.step), train_trunk=not self.s.mtp_only)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,7 +294,8 @@ class Trainer:
         """Held-out next-token loss, perplexity, and per-module MTP loss / top-1 agreement (fixed windows)."""
         self.model.eval()
         batch = self.windows(self.held_ids, self.s.eval_windows, np.random.default_rng(12345))
-        parts = [window_losses(self.model, chunk, self.s.context, self.s.distill) for chunk in batch.split(16)]
+        parts = [window_losses(self.model, chunk, self.s.context, self.s.distill, depth=self.depth)
+                 for chunk in batch.split(16)]
         trunk = float(np.mean([p.trunk.item() for p in parts]))
         mtp = np.mean([[m.item() for m in p.mtp] for p in parts], axis=0).tolist()
         acc = np.mean([[a.item() for a in p.mtp_accuracy] for p in parts], axis=0).tolist()
