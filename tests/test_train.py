@@ -218,5 +218,4 @@ def test_distilling_on_continuations_raises_acceptance(micro_run, tmp_path):
         return sum(r.stats.tau for r in runs) / len(runs)
 
     before, after = accepted(untrained), accepted(trained)
-    print("tau before", before, "after", after)
     assert after > before + 0.3
