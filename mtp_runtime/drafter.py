@@ -15,7 +15,8 @@ Appending the slots a step accepted is fused with the next draft: module k's one
 new committed slots first and its draft nodes after them, so each module runs once per step (plus its reuse
 beyond depth D), and the MTP caches are committed when the next tree is complete. Every step appends the same
 number of slots (the draft depth + 1, the rows keeping `counts` of them), so each pass has one shape per draft
-shape.
+shape. A step that drafts nothing (auto choosing plain decoding) runs no module: its slot is deferred and
+appended by the next pass that drafts (`skip`).
 """
 
 from __future__ import annotations
@@ -39,13 +40,37 @@ class MTPState:
     """The MTP modules' state between steps."""
 
     cache: LatentCache
-    """D layers; lengths = L + 1 (slot 0 is never valid)."""
+    """D layers; lengths = L + 1 - deferred slots (slot 0 is never valid)."""
     stash: torch.Tensor
-    """[D, B, H] each module's normalised output at slot L."""
+    """[D, B, H] each module's normalised output at its last slot."""
+    deferred_hidden: torch.Tensor | None = None
+    """[B, b, H] the trunk's hidden before each committed slot that no module has appended yet."""
+    deferred_tokens: torch.Tensor | None = None
+    """[B, b] the tokens of those slots."""
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.cache.keep_rows(rows)
         self.stash = self.stash[:, rows]
+        if self.deferred_tokens is not None:
+            self.deferred_hidden, self.deferred_tokens = self.deferred_hidden[rows], self.deferred_tokens[rows]
+
+    def defer(self, trunk_hidden: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Remember one committed slot per row ([B, 1, H], [B, 1]) for the next pass to append."""
+        if self.deferred_tokens is None:
+            self.deferred_hidden, self.deferred_tokens = trunk_hidden, tokens
+        else:
+            self.deferred_hidden = torch.cat([self.deferred_hidden, trunk_hidden], dim=1)
+            self.deferred_tokens = torch.cat([self.deferred_tokens, tokens], dim=1)
+
+    def take_deferred(self, trunk_hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor):
+        """(hidden, tokens, counts) of the deferred slots followed by these new ones; nothing stays deferred."""
+        if self.deferred_tokens is None:
+            return trunk_hidden, tokens, counts
+        deferred = self.deferred_tokens.shape[1]
+        hidden = torch.cat([self.deferred_hidden, trunk_hidden], dim=1)
+        tokens = torch.cat([self.deferred_tokens, tokens], dim=1)
+        self.deferred_hidden = self.deferred_tokens = None
+        return hidden, tokens, counts + deferred
 
 
 @dataclass
@@ -90,9 +115,10 @@ class _Step:
 
     state: MTPState
     append: _Append
-    growth: TreeGrowth
-    trunk_lengths: torch.Tensor  # [B] L, the trunk length the tree hangs from
-    prompt: bool = False  # the first step, which appends the whole prompt
+    growth: TreeGrowth | None
+    trunk_lengths: torch.Tensor | None  # [B] L, the trunk length the tree hangs from
+    params: DraftParams
+    fixed_shape: bool = True  # False when the append is the prompt or has deferred slots: its size is the data's
     scratch: dict[int, _Scratch] = field(default_factory=dict)
 
     def hidden_of_parents(self, nodes: torch.Tensor, source: int) -> torch.Tensor:
@@ -126,49 +152,71 @@ class Drafter:
         """Modules in use: module j drafts depth j, so a draft shallower than D never needs the deeper ones."""
         return min(self.model.num_mtp, self.draft_params.max_depth)
 
-    @property
-    def append_size(self) -> int:
-        """Slots every step appends (the rows keep their own count of them): the most one step can commit."""
-        return self.draft_params.max_depth + 1
-
     def start(self, trunk_hidden: torch.Tensor, next_tokens: torch.Tensor, prompt_lens: torch.Tensor,
-              capacity: int, roots: torch.Tensor, trunk_lengths: torch.Tensor) -> tuple[MTPState, DraftTree]:
+              capacity: int, roots: torch.Tensor, trunk_lengths: torch.Tensor,
+              params: DraftParams | None = None) -> tuple[MTPState, DraftTree | None]:
         """Fill every module's cache for slots [j, P] (next_tokens [B, P] holds t_1..t_P per row, padded) and
-        draft the first tree from roots [B]."""
+        draft the first tree from roots [B] (of `params`, the drafter's own by default; None: no tree)."""
         b, _, h = trunk_hidden.shape
         cfg = self.model.config
         cache = LatentCache(self.num_modules, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                             trunk_hidden.dtype, trunk_hidden.device, initial_length=1)
         no_earlier_output = trunk_hidden.new_zeros(self.num_modules, b, h)  # slot 0 is never valid
         state = MTPState(cache, no_earlier_output)
-        return state, self.advance(state, trunk_hidden, next_tokens, prompt_lens, roots, trunk_lengths, prompt=True)
+        if params is None and self.draft_params.mode == "auto":
+            self.skip(state, trunk_hidden, next_tokens, prompt_lens)
+            return state, None
+        return state, self.advance(state, trunk_hidden, next_tokens, prompt_lens, roots, trunk_lengths, params,
+                                   fixed_shape=False)
 
     def advance(self, state: MTPState, trunk_hidden: torch.Tensor, new_tokens: torch.Tensor, counts: torch.Tensor,
-                roots: torch.Tensor, trunk_lengths: torch.Tensor, prompt: bool = False) -> DraftTree:
-        """Append slots L+1 .. L+counts to every module's cache and draft the next tree, fused.
+                roots: torch.Tensor, trunk_lengths: torch.Tensor, params: DraftParams | None = None,
+                fixed_shape: bool = True) -> DraftTree:
+        """Append slots L+1 .. L+counts to every module's cache and draft the next tree (of `params`, by default
+        the drafter's own), fused.
 
         trunk_hidden [B, m, H] is the trunk's hidden state at the root and accepted nodes, new_tokens [B, m] the
         accepted drafts then the bonus token (rows padded past counts[b]); roots [B] are the new pending tokens.
         """
+        fixed_shape = fixed_shape and state.deferred_tokens is None
+        trunk_hidden, new_tokens, counts = state.take_deferred(trunk_hidden, new_tokens, counts)
         m = new_tokens.shape[1]
         positions = state.cache.lengths[:, None] + torch.arange(m, device=new_tokens.device)
+        params = params or self.draft_params
         step = _Step(state, _Append(trunk_hidden, new_tokens, counts, positions, state.stash),
-                     TreeGrowth(roots, self.draft_params, self.sampling, self.generator, self.model.config.vocab_size),
-                     trunk_lengths, prompt)
+                     TreeGrowth(roots, params, self.sampling, self.generator, self.model.config.vocab_size),
+                     trunk_lengths, params, fixed_shape)
         tree = self._grow(step)
         for k in range(self.num_modules):
             if k not in step.append.outputs:  # a module no draft depth needed still keeps its cache
                 self._pass(step, k, step.growth.frontier(0)[:, :0])
-        state.cache.commit(None, counts)  # the kept appended slots are the first counts[b] scratch slots
-        state.stash = torch.stack([step.append.stashes[k] for k in range(self.num_modules)])
+        self._commit(step)
         return tree
+
+    def skip(self, state: MTPState, trunk_hidden: torch.Tensor, new_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """The next step drafts nothing: defer a lone committed slot; append a longer run now, without drafting."""
+        if new_tokens.shape[1] == 1:
+            state.defer(trunk_hidden, new_tokens)
+            return
+        trunk_hidden, new_tokens, counts = state.take_deferred(trunk_hidden, new_tokens, counts)
+        positions = state.cache.lengths[:, None] + torch.arange(new_tokens.shape[1], device=new_tokens.device)
+        step = _Step(state, _Append(trunk_hidden, new_tokens, counts, positions, state.stash), None, None,
+                     self.draft_params, fixed_shape=False)
+        for k in range(self.num_modules):
+            self._pass(step, k, new_tokens[:, :0])
+        self._commit(step)
+
+    def _commit(self, step: _Step) -> None:
+        """Every module keeps its appended slots (the first counts[b] scratch slots) and its new stash."""
+        step.state.cache.commit(None, step.append.counts)
+        step.state.stash = torch.stack([step.append.stashes[k] for k in range(self.num_modules)])
 
     def _grow(self, step: _Step) -> DraftTree:
         """Grow one draft tree from the pending tokens, depth by depth."""
         growth = step.growth
         self._pass(step, 0, growth.frontier(0)[:, :0])  # module 1 appends; its new stash drafts depth 1
         logits = self.model.mtp_logits(0, step.append.stashes[0])[:, None]  # [B, 1, V]
-        max_depth = self.draft_params.max_depth
+        max_depth = step.params.max_depth
         for depth in range(1, max_depth + 1):
             self._ensure_finite(logits, depth)
             growth.expand(depth - 1, growth.frontier(depth - 1), logits)
@@ -211,7 +259,7 @@ class Drafter:
         visible = self._visibility(step, k, nodes, carry)
         plan = AttentionPlan.over_cache(step.state.cache, torch.cat(positions, 1), visible, start=k + 1,
                                         impl=attention_impl(visible.shape[1]))
-        out = self.forwards.mtp(k, torch.cat(hidden, 1), torch.cat(tokens, 1), plan, step=not step.prompt)
+        out = self.forwards.mtp(k, torch.cat(hidden, 1), torch.cat(tokens, 1), plan, step=step.fixed_shape)
         m = append.size if carry else 0
         if carry:
             append.finish(k, out[:, :m])

@@ -15,11 +15,12 @@ import torch
 from .cache import LatentCache
 from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
+from .auto_draft import AutoDraft, StepCosts
 from .forwards import Forwards
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan, attention_impl, causal_visibility
 from .numerics import ensure_finite, first_nonfinite_module
-from .params import GenerationRequest
+from .params import GenerationRequest, chain_params
 from .sampling import logits_to_probs, sample
 from .stats import GenerationStats
 from .verify.accept import Acceptance, accept_greedy, accept_sampling, accept_typical
@@ -54,7 +55,8 @@ class Engine:
     """Runs one generate request over a batch of token-id prompts."""
 
     def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
-                 stop_checker: StopChecker | None = None, flash_prefill: bool = True, forwards: Forwards | None = None):
+                 stop_checker: StopChecker | None = None, flash_prefill: bool = True, forwards: Forwards | None = None,
+                 step_costs: StepCosts | None = None):
         self.model = model
         self.forwards = forwards if forwards is not None else Forwards(model)
         self.flash_prefill = flash_prefill  # False keeps the prefill on SDPA even where flash-attn could run
@@ -69,8 +71,10 @@ class Engine:
                 "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or add modules with "
                 "`mtp-runtime train --mtp-only`")
         self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator) if self.drafting else None
-        shape = request.draft.shape
-        self.chain = shape is not None and shape.num_nodes == shape.max_depth + 1  # a commit never moves entries
+        self.chain = request.draft.chains_only  # a commit never moves entries
+        self.auto = None
+        if request.draft.mode == "auto":
+            self.auto = AutoDraft(request.draft.max_depth, step_costs if step_costs is not None else StepCosts())
 
     def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
         """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""
@@ -120,7 +124,9 @@ class Engine:
             next_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
             next_tokens[rows, lens - 1] = first
             mtp_capacity = capacity + self.request.draft.max_depth + 2  # + the slots appended while drafting
-            mtp, tree = self.drafter.start(hidden, next_tokens, lens, mtp_capacity, first, trunk.lengths)
+            depth = self.auto.choose(_batch_bucket(b)) if self.auto is not None else None
+            mtp, tree = self.drafter.start(hidden, next_tokens, lens, mtp_capacity, first, trunk.lengths,
+                                           chain_params(depth) if depth else None)
         stats = [GenerationStats() for _ in prompts]
         for s in stats:
             s.record_step(drafted=0, tree_depth=0, accepted=0, leaf_reached=True)
@@ -137,20 +143,48 @@ class Engine:
         """Verify (one trunk forward over the whole tree), accept, commit, and draft the next tree; returns the
         tokens each live row emitted (read from the device once per step)."""
         t0 = time.perf_counter()
-        tree = batch.next_tree if self.drafting else self._root_only(batch)
+        tree = batch.next_tree if batch.next_tree is not None else self._root_only(batch)
         hidden, logits = self._verify(batch, tree)
         acceptance = self._accept(tree, logits)
         t1 = time.perf_counter()
         emitted, counts, host = self._commit(batch, tree, acceptance)
         t2 = time.perf_counter()
+        batch.next_tree = None
+        next_depth = None
         if self.drafting and not self._length_reached_by_all(batch, host):
             path = acceptance.path.clamp_min(0)  # root + accepted nodes, padded
             path_hidden = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))
-            batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
-                                                   batch.trunk.lengths)
+            next_depth = self._draft_next(batch, path_hidden, emitted, counts)
         t3 = time.perf_counter()
         self._record(batch, tree, host, (t3 - t2, t1 - t0, t2 - t1))
+        if self.auto is not None:
+            self._learn(batch, tree, host, next_depth, t2 - t0, t3 - t2)
         return [row[3: 3 + row[0]] for row in host]
+
+    def _draft_next(self, batch: _Batch, path_hidden, emitted, counts) -> int | None:
+        """Draft the next tree (auto: of the depth it chooses, or nothing); returns auto's depth."""
+        if self.auto is None:
+            batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
+                                                   batch.trunk.lengths)
+            return None
+        depth = self.auto.choose(_batch_bucket(batch.seq_ids.numel()))
+        if depth == 0:
+            self.drafter.skip(batch.mtp, path_hidden, emitted, counts)
+        else:
+            batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
+                                                   batch.trunk.lengths, chain_params(depth))
+        return depth
+
+    def _learn(self, batch: _Batch, tree: DraftTree, host: list[list[int]], next_depth: int | None,
+               verify_seconds: float, draft_seconds: float) -> None:
+        """Feed auto this step's acceptance and the measured cost of the shapes involved."""
+        bucket = _batch_bucket(len(host))
+        depth = tree.tokens.shape[1] - 1  # auto drafts chains: nodes = depth
+        self.auto.observe(depth, [row[0] - 1 for row in host])
+        costs = self.auto.costs
+        costs.record(costs.verify, (bucket, depth), verify_seconds)
+        if next_depth:
+            costs.record(costs.draft, (bucket, next_depth), draft_seconds)
 
     def _length_reached_by_all(self, batch: _Batch, host: list[list[int]]) -> bool:
         """Every live sequence ends at max_new_tokens with this step, so no next tree is needed."""
@@ -261,4 +295,10 @@ class Engine:
         batch.trunk.keep_rows(rows)
         if batch.mtp is not None:
             batch.mtp.keep_rows(rows)
+        if batch.next_tree is not None:
             batch.next_tree = batch.next_tree.select_rows(rows)
+
+
+def _batch_bucket(batch_size: int) -> int:
+    """Step costs are kept per power-of-two batch size (a batch shrinks one row at a time)."""
+    return 1 << (batch_size - 1).bit_length()

@@ -9,10 +9,11 @@ from .errors import GenerationSettingsError
 from .sampling import SamplingParams
 from .verify.tree import MAX_TREE_DEPTH, StaticTreeShape, parse_tree_spec, tree_from_branching
 
-DRAFT_MODES = ("none", "chain", "tree", "dynamic")
-DEFAULT_DRAFT_MODE = "chain"
+DRAFT_MODES = ("auto", "none", "chain", "tree", "dynamic")
+DEFAULT_DRAFT_MODE = "auto"
 DEFAULT_CHAIN_TOKENS = 1
-"""The fastest configuration measured on the shipped model (BENCHMARKS.md): one MTP token per step."""
+AUTO_MAX_DEPTH = 4
+"""auto: the deepest chain it considers (num_draft_tokens overrides)."""
 MAX_DRAFT_TOKENS = 256
 
 
@@ -21,9 +22,11 @@ class DraftParams:
     """How the MTP modules draft each step."""
 
     mode: str = "dynamic"
-    """none (plain decoding), chain, tree (static shape) or dynamic (EAGLE-2 style growth)."""
+    """auto (a chain of 0..num_draft_tokens drafts chosen per step), none (plain decoding), chain, tree (static
+    shape) or dynamic (EAGLE-2 style growth)."""
     num_draft_tokens: int = 8
-    """chain: tokens per step (= depth); dynamic: nodes kept per step; tree: ignored (the shape decides)."""
+    """chain: tokens per step (= depth); auto: the deepest chain; dynamic: nodes kept per step; tree: ignored (the
+    shape decides)."""
     tree: StaticTreeShape | None = None
     """Static tree shape (mode 'tree')."""
     depth: int = 4
@@ -41,10 +44,12 @@ class DraftParams:
         n = defaults.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if mode == "chain" and num_draft_tokens is None:
             n = DEFAULT_CHAIN_TOKENS
+        if mode == "auto" and num_draft_tokens is None:
+            n = AUTO_MAX_DEPTH
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_TOKENS:
             raise GenerationSettingsError(
                 f"num_draft_tokens={n!r} is out of range; use an integer in 1..{MAX_DRAFT_TOKENS}")
-        if mode == "chain" and n > MAX_TREE_DEPTH:
+        if mode in ("chain", "auto") and n > MAX_TREE_DEPTH:
             raise GenerationSettingsError(
                 f"num_draft_tokens={n} is out of range for a chain (one token per depth); use 1..{MAX_TREE_DEPTH}")
         shape = None
@@ -73,13 +78,28 @@ class DraftParams:
             return 0
         if self.mode == "dynamic":
             return self.topk + (self.depth - 1) * self.topk * self.topk
+        if self.mode == "auto":
+            return self.num_draft_tokens
         return self.shape.num_nodes - 1
 
     @property
     def max_depth(self) -> int:
         if self.mode == "none":
             return 0
+        if self.mode == "auto":
+            return self.num_draft_tokens
         return self.depth if self.mode == "dynamic" else self.shape.max_depth
+
+    @property
+    def chains_only(self) -> bool:
+        """Every tree drafted is a chain (so a commit never moves cache entries)."""
+        return self.mode == "auto" or (self.shape is not None and self.shape.num_nodes == self.shape.max_depth + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def chain_params(depth: int) -> DraftParams:
+    """A chain of `depth` drafts (what auto drafts at each step)."""
+    return DraftParams.build("chain", depth)
 
 
 @dataclass

@@ -10,8 +10,10 @@ import torch
 
 from .checkpoint import CheckpointFiles, load_state_dict, weight_block_size
 from .config import ModelConfig
+from .auto_draft import StepCosts
 from .engine import Engine
 from .errors import ConfigError, DeviceError, GenerationSettingsError, TokenizerError
+from .forwards import Forwards
 from .model import DeepseekForCausalLM
 from .model.flash import flash_attn_func
 from .model.plan import AttentionPlan
@@ -108,6 +110,10 @@ class Runtime:
         self.attention = attention
         """Prefill attention kernel: 'auto', 'flash' or 'sdpa' (see resolve_attention)."""
         self.parallel = parallel  # the ranks the model is split over; None: this process holds all of it
+        self.forwards: Forwards = Forwards(self.model)
+        """How decoding steps run their forwards: eagerly, or compiled after `compile()`."""
+        self.step_costs = StepCosts()
+        """Measured step times per draft depth, which draft='auto' chooses by; kept across calls."""
 
     @classmethod
     def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",
@@ -185,9 +191,11 @@ class Runtime:
                  stop: str | Sequence[str] | None = None, acceptance: str = "exact", stream: bool = False):
         """Generate from one prompt (a str, or input_ids list) or a batch (a list of either).
 
-        draft: 'dynamic' | 'tree' | 'chain' | 'none'; None picks 'chain' with one draft token per step (the
-        fastest setting measured on the shipped model) when the checkpoint has MTP modules, else 'none'. acceptance: 'exact' (lossless) or 'typical' (Medusa's typical acceptance: LOSSY, faster,
-        sampling only). Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
+        draft: 'auto' | 'chain' | 'tree' | 'dynamic' | 'none'; None picks 'auto' (each step drafts the chain
+        length, from none to num_draft_tokens, that measured acceptance and step times say is fastest) when the
+        checkpoint has MTP modules, else 'none'. acceptance: 'exact' (lossless) or 'typical' (Medusa's typical
+        acceptance: LOSSY, faster, sampling only). Returns a GenerationResult (a list for a batch), or a
+        GenerationStream when stream=True.
         """
         prompts, batched = self._prompts(prompt, input_ids)
         if seed is None and self.parallel is not None:
@@ -216,7 +224,8 @@ class Runtime:
         """The one loop behind both streaming and non-streaming generation."""
         texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
         stops = StopStrings(texts) if request.stop_strings else None
-        engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa")
+        engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa", forwards=self.forwards,
+                        step_costs=self.step_costs)
         finish = ["length"] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
         for step in engine.run(prompts):

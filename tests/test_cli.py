@@ -105,7 +105,7 @@ def test_generate_streams_the_same_text_as_json(tiny):
     assert streamed.exit_code == 0, streamed.output
     out = run_json("generate", "def add(a, b):", "--model", tiny, "--max-new-tokens", 12, "--ignore-eos")
     assert streamed.stdout == out["text"] + ("" if out["text"].endswith("\n") else "\n")
-    assert out["draft"] == "chain" and out["finish_reason"] == "length"
+    assert out["draft"] == "auto" and out["finish_reason"] == "length"
     assert len(out["token_ids"]) == out["stats"]["new_tokens"] == 12
     assert out["prompt_token_ids"] == mtp_runtime.load(tiny).encode("def add(a, b):")
 

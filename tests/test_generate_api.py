@@ -127,13 +127,12 @@ def test_module_level_generate_accepts_a_runtime(rt):
 # --- draft defaults -------------------------------------------------------------------------------------
 
 
-def test_default_draft_is_a_one_token_chain_with_mtp_modules(rt):
+def test_default_draft_is_auto_with_mtp_modules(rt):
     default = rt.generate(input_ids=PROMPTS[2], max_new_tokens=30)
-    dynamic = rt.generate(input_ids=PROMPTS[2], max_new_tokens=30, draft="chain", num_draft_tokens=1)
-    assert default.stats.draft_steps > 0 and default.stats.drafted_tokens > 0
-    assert default.stats.drafted_tokens == dynamic.stats.drafted_tokens
-    assert default.stats.accepted_length_histogram == dynamic.stats.accepted_length_histogram
-    assert default.token_ids == dynamic.token_ids
+    auto = rt.generate(input_ids=PROMPTS[2], max_new_tokens=30, draft="auto")
+    plain = rt.generate(input_ids=PROMPTS[2], max_new_tokens=30, draft="none")
+    assert default.stats.draft_steps > 0 and default.stats.drafted_tokens > 0  # it tries every depth first
+    assert default.token_ids == auto.token_ids == plain.token_ids
 
 
 def test_default_draft_is_none_without_mtp_modules(rt_no_mtp):

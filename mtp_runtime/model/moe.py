@@ -124,6 +124,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] -> weighted sum of expert outputs [T, H]."""
+        if ids.shape[1] == 0:
+            return torch.zeros_like(x)
         if x.shape[0] * ids.shape[1] <= PAIRS_MAX:
             return self._per_pair(x, weights, ids)
         experts, k = self.gate_proj.shape[0], ids.shape[1]

@@ -1,0 +1,106 @@
+"""`draft="auto"`: choose each step's draft (no draft, or a chain of 1..K tokens) for the most tokens per second.
+
+A chain of k drafts emits E_k = 1 + sum_{i<=k} prod_{j<=i} a_j tokens per step on average, where a_j is the
+probability that depth j is accepted given that depth j-1 was (measured online, with exponential forgetting so
+that it follows the text being written). Its cost is the measured wall time of such a step at the current batch
+size (verify + accept + commit of the chain, and the drafting that produced it), kept per runtime so that later
+calls start from what earlier ones measured. Each step takes the k with the largest E_k / cost_k; k = 0 is plain
+decoding, with no MTP work at all. Untried depths are tried once first; after that, every few steps a neighbour
+of the best depth is tried again to keep its estimate fresh, less and less often while plain decoding keeps
+winning. The choice only changes what is proposed, never how it is verified: output stays exactly plain decoding's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRIOR_ACCEPTANCE = 0.6
+"""Acceptance assumed for a depth before it is measured (weight PRIOR_WEIGHT observations)."""
+PRIOR_WEIGHT = 2.0
+FORGET = 0.98
+"""Each new observation of a depth scales its earlier counts by this (an effective window of ~50 steps)."""
+COST_SMOOTHING = 0.2
+"""Weight of the newest step time in a cost's moving average."""
+EXPLORE_EVERY = 16
+EXPLORE_MAX = 512
+"""A neighbour of the best depth is retried every EXPLORE_EVERY steps; while plain decoding keeps winning, the
+interval doubles up to EXPLORE_MAX (a probe costs a few plain steps' worth of MTP catch-up)."""
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds per decoding step, per (batch size, chain depth); lives as long as its runtime."""
+
+    verify: dict[tuple[int, int], float] = field(default_factory=dict)
+    """Verify + accept + commit of a step whose tree was a chain of k drafts (k = 0: plain decoding)."""
+    draft: dict[tuple[int, int], float] = field(default_factory=dict)
+    """Drafting a chain of k drafts (module passes, tree growth), the previous step's appends included."""
+
+    def record(self, table: dict, key: tuple[int, int], seconds: float) -> None:
+        old = table.get(key)
+        table[key] = seconds if old is None else (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds
+
+    def step(self, batch: int, k: int) -> float | None:
+        """Seconds of one step with a chain of k drafts, or None while unmeasured."""
+        verify = self.verify.get((batch, k))
+        if k == 0:
+            return verify
+        draft = self.draft.get((batch, k))
+        return None if verify is None or draft is None else verify + draft
+
+
+class AutoDraft:
+    """The per-step choice of chain depth (0 = no draft) of one generate call."""
+
+    def __init__(self, max_depth: int, costs: StepCosts):
+        self.max_depth = max_depth
+        self.costs = costs
+        self.attempts = [PRIOR_WEIGHT] * max_depth
+        self.accepts = [PRIOR_WEIGHT * PRIOR_ACCEPTANCE] * max_depth
+        self.steps = 0
+        self.explore_every = EXPLORE_EVERY
+        self.chosen: list[int] = []
+        """Depth chosen at each step (for reports)."""
+
+    def acceptance(self) -> list[float]:
+        """Estimated P(depth d accepted | depth d-1 accepted), d = 1..K."""
+        return [a / t for a, t in zip(self.accepts, self.attempts)]
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens one step of a k-draft chain emits on average (the bonus token included)."""
+        total, alive = 1.0, 1.0
+        for rate in self.acceptance()[:k]:
+            alive *= rate
+            total += alive
+        return total
+
+    def choose(self, batch: int) -> int:
+        """The chain depth of the next step."""
+        self.steps += 1
+        untried = [k for k in (*range(1, self.max_depth + 1), 0) if self.costs.step(batch, k) is None]
+        if untried:
+            k = untried[0]
+        else:
+            rates = {k: self.expected_tokens(k) / self.costs.step(batch, k) for k in range(self.max_depth + 1)}
+            k = max(rates, key=rates.get)
+            if self.steps % self.explore_every == 0:
+                k = self._neighbour(k, rates)
+            elif k != 0:
+                self.explore_every = EXPLORE_EVERY
+        self.chosen.append(k)
+        return k
+
+    def _neighbour(self, best: int, rates: dict[int, float]) -> int:
+        neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_depth]
+        if best == 0:
+            self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
+        return max(neighbours, key=rates.get)
+
+    def observe(self, depth: int, accepted: list[int]) -> None:
+        """One verified step whose tree was a chain of `depth` drafts; accepted[b] drafts were kept in row b."""
+        for d in range(1, depth + 1):
+            tried = sum(1 for a in accepted if a >= d - 1)
+            if tried:
+                kept = sum(1 for a in accepted if a >= d)
+                self.attempts[d - 1] = FORGET * self.attempts[d - 1] + tried
+                self.accepts[d - 1] = FORGET * self.accepts[d - 1] + kept
