@@ -2,7 +2,7 @@
 
     import mtp_runtime
     rt = mtp_runtime.load()                 # the shipped default model, or load("path/to/hf-folder")
-    out = rt.generate("def fib(n):", max_new_tokens=64, draft="dynamic")
+    out = rt.generate("def fib(n):", max_new_tokens=64)     # draft="auto": the fastest chain length per step
     print(out.text, out.stats.mean_accepted_length)
 """
 
@@ -20,20 +20,26 @@ __all__ = ["load", "generate", "Runtime", "GenerationResult", "GenerationStream"
 
 
 def load(path: str | Path | None = None, device=None, dtype=None, attention: str = "auto",
-         parallel=None) -> Runtime:
+         parallel=None, threads: int | None = None, compile: bool = False) -> Runtime:
     """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model.
 
     attention: the prefill kernel, 'auto' (flash-attn where installed and usable, else SDPA), 'flash' (an error
     if flash-attn cannot run here) or 'sdpa'.
     parallel: a `mtp_runtime.parallel.ParallelGroup` to split the model over (e.g. `init_from_env()` under
     torchrun); None keeps the whole model in this process.
+    threads: torch CPU threads for this runtime's calls; None picks the fastest for the model (threads.py).
+    compile: run batch-1 decoding steps compiled (`Runtime.compile`): faster once each step shape has compiled.
     """
     if path is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise MTPRuntimeError(
                 f"the shipped default model is missing at {DEFAULT_MODEL}; pass a model folder or reinstall")
         path = DEFAULT_MODEL
-    return Runtime.from_folder(path, device=device, dtype=dtype, attention=attention, parallel=parallel)
+    runtime = Runtime.from_folder(path, device=device, dtype=dtype, attention=attention, parallel=parallel,
+                                  threads=threads)
+    if compile:
+        runtime.compile()
+    return runtime
 
 
 def generate(prompt, model: Runtime | str | Path | None = None, **kwargs):

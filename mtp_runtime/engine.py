@@ -171,6 +171,10 @@ class Engine:
         if depth == 0:
             self.drafter.skip(batch.mtp, path_hidden, emitted, counts)
         else:
+            # whatever the last chain was, every module pass appends K + 1 slots: one shape per module
+            pad = self.request.draft.max_depth + 1 - emitted.shape[1]
+            emitted = torch.nn.functional.pad(emitted, (0, pad))
+            path_hidden = torch.nn.functional.pad(path_hidden, (0, 0, 0, pad))
             batch.next_tree = self.drafter.advance(batch.mtp, path_hidden, emitted, counts, batch.pending,
                                                    batch.trunk.lengths, chain_params(depth))
         return depth

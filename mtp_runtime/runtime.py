@@ -22,6 +22,7 @@ from .params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
 from .sampling import SamplingParams
 from .stats import GenerationStats
 from .text import StopStrings, TextStream, load_tokenizer
+from .threads import check_threads, choose_threads
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -102,7 +103,7 @@ class Runtime:
     """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
 
     def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
-                 attention: str = "auto", parallel: ParallelGroup | None = None):
+                 attention: str = "auto", parallel: ParallelGroup | None = None, threads: int | None = None):
         self.model = model.eval().requires_grad_(False)  # inference only; ops on grad-free weights dispatch faster
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -114,10 +115,31 @@ class Runtime:
         """How decoding steps run their forwards: eagerly, or compiled after `compile()`."""
         self.step_costs = StepCosts()
         """Measured step times per draft depth, which draft='auto' chooses by; kept across calls."""
+        self._threads = check_threads(threads)
+
+    @property
+    def threads(self) -> int:
+        """torch CPU threads every call of this runtime runs with: as asked, else the fastest (threads.py)."""
+        if self._threads is None:
+            self._threads = choose_threads(self.model) if self.device.type == "cpu" else torch.get_num_threads()
+        return self._threads
+
+    def compile(self) -> None:
+        """Run batch-1 decoding steps through torch.compile from now on (see compiled.py).
+
+        Each new step shape compiles on first use (tens of seconds; a few seconds when inductor's on-disk cache
+        already holds it), so call this for long-running work (benchmarks, serving), not one short generate."""
+        if self.device.type != "cpu":
+            raise DeviceError(f"compiled decoding is implemented and tested on the CPU only, not {self.device.type}; "
+                              "run without --compile")
+        from .compiled import CompiledForwards
+
+        if not self.forwards.compiled:
+            self.forwards = CompiledForwards(self.model)
 
     @classmethod
     def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",
-                    parallel: ParallelGroup | None = None) -> "Runtime":
+                    parallel: ParallelGroup | None = None, threads: int | None = None) -> "Runtime":
         """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json.
 
         With `parallel`, every rank loads the full checkpoint and then keeps only its share of the attention
@@ -152,7 +174,7 @@ class Runtime:
         model.to(device)  # the non-persistent buffers (RoPE tables, norm constants) were built on the CPU
         if parallel is not None:
             shard_model(model, parallel)
-        return cls(model, load_tokenizer(path), path, attention, parallel)
+        return cls(model, load_tokenizer(path), path, attention, parallel, threads)
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +244,8 @@ class Runtime:
     def _run(self, prompts: list[list[int]], request: GenerationRequest,
              results: list[GenerationResult]) -> Iterator[StreamChunk]:
         """The one loop behind both streaming and non-streaming generation."""
+        if self.device.type == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
         stops = StopStrings(texts) if request.stop_strings else None
         engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa", forwards=self.forwards,

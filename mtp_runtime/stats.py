@@ -23,6 +23,8 @@ class GenerationStats:
     """Verify steps that carried at least one drafted token."""
     accepted_lengths: Counter = field(default_factory=Counter)
     """Histogram: drafted tokens accepted per step (0..depth); prefill excluded."""
+    draft_sizes: Counter = field(default_factory=Counter)
+    """Histogram: tokens drafted per verify step (0: a plain step); what draft='auto' chose."""
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_commit: float = 0.0
@@ -71,6 +73,8 @@ class GenerationStats:
     def record_step(self, drafted: int, tree_depth: int, accepted: int, leaf_reached: bool) -> None:
         """One verify step: `accepted` drafts kept out of a tree of `drafted` nodes and `tree_depth` levels."""
         self.steps += 1
+        if self.steps > 1:
+            self.draft_sizes[drafted] += 1
         if drafted == 0:
             return
         self.draft_steps += 1
@@ -98,6 +102,7 @@ class GenerationStats:
                 out.depth_attempts[i] += t
                 out.depth_accepts[i] += a
         out.accepted_lengths = self.accepted_lengths + other.accepted_lengths
+        out.draft_sizes = self.draft_sizes + other.draft_sizes
         return out
 
     def to_dict(self) -> dict:
@@ -110,6 +115,7 @@ class GenerationStats:
             "acceptance_per_depth": self.acceptance_per_depth,
             "cumulative_acceptance": self.cumulative_acceptance,
             "accepted_length_histogram": {str(k): v for k, v in self.accepted_length_histogram.items()},
+            "draft_size_histogram": {str(k): v for k, v in sorted(self.draft_sizes.items())},
             "tokens_per_second": self.tokens_per_second,
             "time_s": {"draft": self.time_draft, "verify": self.time_verify, "commit": self.time_commit,
                        "other": self.time_other, "total": self.time_total},

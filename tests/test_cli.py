@@ -190,7 +190,7 @@ def test_generate_errors_are_one_line(tiny, args, fragment):
 def test_model_folder_without_config_is_one_line_error(tmp_path):
     assert_one_line_error(run("generate", "x", "--model", tmp_path), "config.json")
     assert_one_line_error(run("info", tmp_path / "missing"), "does not exist")
-    assert_one_line_error(run("bench", "--model", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tmp_path / "missing"), "does not exist")
 
 
 def test_debug_shows_the_exception(tiny):
@@ -212,7 +212,7 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
     file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SNIPPETS[:2]), encoding="utf-8")
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 8, "--draft", "chain",
+    result = run("bench", "--no-compile", "--model", tiny, "--prompts", file, "--max-new-tokens", 8, "--draft", "chain",
                  "--draft", "dynamic", "--num-draft-tokens", "2,3", "--json", out, "--no-progress",
                  *(["--plot", plot] if has_matplotlib else []))
     assert result.exit_code == 0, result.output
@@ -252,7 +252,7 @@ def test_bench_batch_sizes(tiny, tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("\n\n".join(SNIPPETS[:3]), encoding="utf-8")
     out = tmp_path / "batch.json"
-    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
+    result = run("bench", "--no-compile", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
                  "--num-draft-tokens", "2", "--batch-sizes", "1,4", "--json", out, "--no-progress")
     assert result.exit_code == 0, result.output
     points = json.loads(out.read_text())["points"]
@@ -265,15 +265,15 @@ def test_bench_batch_sizes(tiny, tmp_path):
         assert p["speedup"] == pytest.approx(p["tokens_per_second"] / plain["tokens_per_second"])
     assert points[0]["tok_per_forward"] == 1.0 and points[3]["tok_per_forward"] > 1.2
     assert "batched throughput" in result.stdout
-    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "4,x"), "--batch-sizes")
-    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "0"), "--batch-sizes")
-    assert_one_line_error(run("bench", "--model", tiny, "--batch-sizes", "4", "--soak", 3), "cannot be combined")
-    assert_one_line_error(run("bench", "--model", tiny, "--soak", 3, "--compare-hf"), "cannot be combined")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--batch-sizes", "4,x"), "--batch-sizes")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--batch-sizes", "0"), "--batch-sizes")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--batch-sizes", "4", "--soak", 3), "cannot be combined")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--soak", 3, "--compare-hf"), "cannot be combined")
 
 
 def test_bench_soak_reports_rss(tiny, tmp_path):
     out = tmp_path / "soak.json"
-    result = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--max-new-tokens", 4,
+    result = run("bench", "--no-compile", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--max-new-tokens", 4,
                  "--draft", "chain", "--soak", 12, "--json", out, "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -281,7 +281,7 @@ def test_bench_soak_reports_rss(tiny, tmp_path):
     assert all(mb > 10 for _, mb in report["rss_mb"]) and report["peak_rss_mb"] >= max(mb for _, mb in report["rss_mb"])
     # call 10 fills the cache to the maximum positions (512); call 5 and 10's neighbours are short
     assert report["new_tokens"] > 512 - 20
-    assert_one_line_error(run("bench", "--model", tiny, "--soak", 0), "--soak")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--soak", 0), "--soak")
 
 
 def _prompt_file(tmp_path: Path) -> Path:
@@ -292,14 +292,14 @@ def _prompt_file(tmp_path: Path) -> Path:
 
 def test_bench_plot_without_matplotlib_is_explained(tiny, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert_one_line_error(run("bench", "--model", tiny, "--plot", tmp_path / "x.png"), "pip install")
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, "--plot", tmp_path / "x.png"), "pip install")
 
 
 def test_bench_sampling_and_tree_sweep(tiny, tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("\n\n".join(SNIPPETS[:2]), encoding="utf-8")
     out = tmp_path / "bench.json"
-    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "tree", "--tree",
+    result = run("bench", "--no-compile", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "tree", "--tree",
                  "2,1", "--tree", "[[0],[1],[0,0]]", "--temperature", 0.7, "--json", out, "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -317,21 +317,21 @@ def test_bench_sampling_and_tree_sweep(tiny, tmp_path):
     (["--json", "/nonexistent/dir/out.json"], "does not exist"),
 ])
 def test_bench_errors_are_one_line(tiny, args, fragment):
-    assert_one_line_error(run("bench", "--model", tiny, *args), fragment)
+    assert_one_line_error(run("bench", "--no-compile", "--model", tiny, *args), fragment)
 
 
 def test_sweep_configurations():
     configs = bench.sweep(["chain", "dynamic", "chain"], [1, 2], depth=3, topk=2)
     assert [c.name for c in configs] == ["plain", "chain k=1", "chain k=2", "dynamic n=1 d=3 k=2",
                                          "dynamic n=2 d=3 k=2"]
-    assert [c.name for c in bench.sweep()] == ["plain", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    assert [c.name for c in bench.sweep()] == ["plain", "auto k<=4", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
     with pytest.raises(GenerationSettingsError):
         bench.sweep(["chain"], [0])
 
 
 def test_bench_default_prompts_on_the_trained_model(tmp_path):
     out = tmp_path / "bench.json"
-    result = run("bench", "--model", shipped_model(), "--num-prompts", 2, "--max-new-tokens", 4, "--draft", "chain",
+    result = run("bench", "--no-compile", "--model", shipped_model(), "--num-prompts", 2, "--max-new-tokens", 4, "--draft", "chain",
                  "--json", out, "--threads", 1)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -343,7 +343,7 @@ def test_bench_compare_hf(tiny, tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("\n\n".join(SNIPPETS[:2]), encoding="utf-8")
     out = tmp_path / "bench.json"
-    result = run("bench", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
+    result = run("bench", "--no-compile", "--model", tiny, "--prompts", file, "--max-new-tokens", 6, "--draft", "chain",
                  "--compare-hf", "--json", out, "--no-progress")
     assert result.exit_code == 0, result.output
     hf = {h["name"]: h for h in json.loads(out.read_text())["hf"]}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import GenerationSettingsError
 from ..params import DraftParams
 
-DEFAULT_DRAFTS = ("chain", "tree", "dynamic")
+DEFAULT_DRAFTS = ("auto", "chain", "tree", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class DraftConfig:
             return "plain"
         if p.mode == "chain":
             return f"chain k={p.num_draft_tokens}"
+        if p.mode == "auto":
+            return f"auto k<={p.num_draft_tokens}"
         if p.mode == "tree":
             spec = self.tree if self.tree and not self.tree.lstrip().startswith("[") else None
             return f"tree {spec}" if spec else f"tree {p.tree.num_nodes - 1} nodes"

@@ -22,7 +22,18 @@ def format_report(report: BenchReport) -> str:
             f"{m['device']} {m['dtype']}, torch threads: {m['torch_threads']}"
             f"{'' if m.get('world_size', 1) == 1 else ', ranks: ' + str(m['world_size'])}")
     speed, notes = _speed_table(report)
-    return "\n".join([head, "", _table(_acceptance_table(report), left=6), "", _table(speed), *notes, "", *LEGEND])
+    compiled = [f"compiled batch-1 steps: {report.compile_seconds:.1f} s compiling during warm-up"
+                f"{f', {report.compile_seconds_timed:.1f} s during the timed runs' if report.compile_seconds_timed else ''}"
+                ] if m.get("compiled") else []
+    auto = [f"{r.config.name} drafted per step: {_shares(r.stats.draft_sizes)}"
+            for r in report.drafting if r.config.mode == "auto"]
+    return "\n".join([head, *compiled, "", _table(_acceptance_table(report), left=6), "", _table(speed), *notes,
+                      *auto, "", *LEGEND])
+
+
+def _shares(counts) -> str:
+    total = sum(counts.values())
+    return "  ".join(f"{k}: {v / total:.0%}" for k, v in sorted(counts.items())) if total else "-"
 
 
 def _acceptance_table(report: BenchReport) -> list[list[str]]:

@@ -78,6 +78,10 @@ class BenchReport:
     results: list[ConfigResult]
     machine: dict
     hf: list[HFResult] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    """Compiling step shapes during the warm-up (compiled runs only); not part of any timing."""
+    compile_seconds_timed: float = 0.0
+    """Compiling that still happened inside timed runs (a shape the warm-up missed): it is in their times."""
 
     @property
     def plain(self) -> ConfigResult:
@@ -109,6 +113,7 @@ class BenchReport:
     def to_dict(self) -> dict:
         prompts = [{"text": t, "num_tokens": len(ids)} for t, ids in zip(self.prompts, self.prompt_token_ids)]
         return {"machine": self.machine, "max_new_tokens": self.max_new_tokens, "sampling": self.sampling,
+                "compile_seconds": self.compile_seconds, "compile_seconds_timed": self.compile_seconds_timed,
                 "prompts": prompts, "configs": [self._config_dict(r) for r in self.results],
                 "hf": [self._hf_dict(h) for h in self.hf]}
 

@@ -10,6 +10,8 @@ from .configs import DraftConfig
 from .results import BenchReport, ConfigResult, PromptRun
 
 WARMUP_TOKENS = 8
+AUTO_WARMUP_TOKENS = 48
+"""auto tries every chain length once before it settles: its warm-up needs enough steps for that."""
 
 
 def run_bench(runtime, prompts: list[str], configs: list[DraftConfig], *, max_new_tokens: int = 128,
@@ -26,8 +28,10 @@ def run_bench(runtime, prompts: list[str], configs: list[DraftConfig], *, max_ne
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, ignore_eos=ignore_eos)
     if warmup:
         for config in configs:
-            runtime.generate(input_ids=ids[0], max_new_tokens=min(WARMUP_TOKENS, max_new_tokens), seed=seed,
+            tokens = AUTO_WARMUP_TOKENS if config.mode == "auto" else WARMUP_TOKENS
+            runtime.generate(input_ids=ids[0], max_new_tokens=min(tokens, max_new_tokens), seed=seed,
                              **common, **config.generate_kwargs())
+    compiled_before = _compile_seconds(runtime)
     results = [ConfigResult(c) for c in configs]
     with tqdm(total=len(ids) * len(configs), desc="bench", unit="run", file=sys.stderr, disable=not progress,
               leave=False) as bar:
@@ -37,7 +41,12 @@ def run_bench(runtime, prompts: list[str], configs: list[DraftConfig], *, max_ne
                 result.runs.append(_timed_run(runtime, prompt, result.config, max_new_tokens, seed + i, common))
                 bar.update()
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
-    return BenchReport(list(prompts), ids, max_new_tokens, sampling, results, machine_info(runtime))
+    return BenchReport(list(prompts), ids, max_new_tokens, sampling, results, machine_info(runtime),
+                       compile_seconds=compiled_before, compile_seconds_timed=_compile_seconds(runtime) - compiled_before)
+
+
+def _compile_seconds(runtime) -> float:
+    return getattr(runtime.forwards, "compile_seconds", 0.0)
 
 
 def _timed_run(runtime, prompt: list[int], config: DraftConfig, max_new_tokens: int, seed: int,
@@ -59,7 +68,7 @@ def machine_info(runtime) -> dict:
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(runtime.device),
+            "torch_threads": runtime.threads, "compiled": runtime.forwards.compiled, "device": str(runtime.device),
             "dtype": str(runtime.model.lm_head.weight.dtype).removeprefix("torch."),
             "model": str(runtime.path) if runtime.path is not None else None,
             "world_size": runtime.parallel.world_size if runtime.parallel is not None else 1}

@@ -8,23 +8,25 @@ from pathlib import Path
 import click
 
 from ..errors import GenerationSettingsError, MTPRuntimeError, ParallelError
-from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, model_options, sampling_options
+from .common import (TREE_SPEC, check_request, compile_option, friendly_errors, load_runtime, model_options,
+                     sampling_options)
 
 
 @click.command()
 @model_options
+@compile_option(default=True)
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Prompts: .jsonl with a \"prompt\" field per line, or text with one prompt per blank-line-separated "
                    "block.  [default: the first 30 lines of held-out files of the training corpus]")
 @click.option("--num-prompts", type=int, default=8, show_default=True,
               help="Number of default prompts (ignored with --prompts).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens generated per prompt.")
-@click.option("--draft", "drafts", multiple=True, metavar="[chain|tree|dynamic]",
+@click.option("--draft", "drafts", multiple=True, metavar="[auto|chain|tree|dynamic]",
               help="Draft mode to benchmark, repeatable (see `generate --help`); plain decoding always runs "
-                   "as the baseline.  [default: chain, tree, dynamic]")
+                   "as the baseline.  [default: auto, chain, tree, dynamic]")
 @click.option("--num-draft-tokens", default=None, metavar="N[,N...]",
-              help="Sweep, comma-separated: chain tokens per step and dynamic node budgets.  [default: chain 1, "
-                   "dynamic 8]")
+              help="Sweep, comma-separated: chain tokens per step, auto's longest chain and dynamic node budgets.  "
+                   "[default: chain 1, auto 4, dynamic 8]")
 @click.option("--tree", "trees", multiple=True, help="Shape for --draft tree, repeatable to sweep: " + TREE_SPEC)
 @click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
 @click.option("--topk", type=int, default=None, help="dynamic: children per expanded node.  [default: 4]")
@@ -48,7 +50,7 @@ from .common import TREE_SPEC, check_request, friendly_errors, load_runtime, mod
                    "stream abandoned after one chunk) and report resident memory (RSS) as they go.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @friendly_errors
-def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens,
+def bench(model, device, dtype, threads, attention, compile_steps, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens,
           trees, depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf,
           batch_sizes, soak, progress):
     """Measure MTP draft acceptance and speedup over plain decoding, on the same prompts in one run.
@@ -89,7 +91,7 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
     check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                 num_draft_tokens=None, tree=None, depth=None, topk=None), ())
     sizes = _check_modes(batch_sizes, soak, compare_hf, plot_file)
-    runtime = load_runtime(model, device, dtype, threads, attention)
+    runtime = load_runtime(model, device, dtype, threads, attention, compile_steps and _cpu(device))
     if sizes is not None or soak is not None:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         _batch_or_soak(runtime, _prompts(runtime, prompts_file, num_prompts), configs, sizes, soak, max_new_tokens,
@@ -108,6 +110,13 @@ def bench(model, device, dtype, threads, attention, prompts_file, num_prompts, m
     if plot_file is not None:
         bench_mod.plot_report(report, plot_file)
         click.echo(f"plot written to {plot_file}", err=True)
+
+
+def _cpu(device: str | None) -> bool:
+    """Compiling is for the CPU: the default --compile quietly stays eager on other devices."""
+    import torch
+
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
 
 
 def _check_modes(batch_sizes: str | None, soak: int | None, compare_hf: bool, plot_file) -> list[int] | None:

@@ -10,7 +10,7 @@ import click
 
 from ..errors import MTPRuntimeError
 from ..params import DEFAULT_DRAFT_MODE
-from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load_runtime, model_options,
+from .common import (DRAFT_HELP, TREE_SPEC, check_request, compile_option, friendly_errors, load_runtime, model_options,
                      sampling_options)
 
 
@@ -19,13 +19,15 @@ from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load
 @click.option("--prompt-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Read the prompt from this file ('-' for stdin). Without PROMPT or this, stdin is read.")
 @model_options
+@compile_option(default=False)
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
 @sampling_options
 @click.option("--seed", type=int, default=None, show_default="random", help="Seed of the sampling generator.")
-@click.option("--draft", default=None, metavar="[none|chain|tree|dynamic]",
-              show_default="chain (1 token per step) if the model has MTP modules, else none", help=DRAFT_HELP)
+@click.option("--draft", default=None, metavar="[auto|none|chain|tree|dynamic]",
+              show_default="auto if the model has MTP modules, else none", help=DRAFT_HELP)
 @click.option("--num-draft-tokens", type=int, default=None,
-              help="chain: tokens drafted per step (default 1); dynamic: draft nodes kept per step (default 8).")
+              help="chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default 4); "
+                   "dynamic: draft nodes kept per step (default 8).")
 @click.option("--tree", default=None, help="Static tree shape (implies --draft tree): " + TREE_SPEC)
 @click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
 @click.option("--topk", type=int, default=None,
@@ -37,7 +39,7 @@ from .common import (DRAFT_HELP, TREE_SPEC, check_request, friendly_errors, load
               help="Print one JSON object (text, token_ids, prompt_token_ids, finish_reason, stats) instead of "
                    "streaming text.")
 @friendly_errors
-def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_new_tokens, temperature, top_k, top_p,
+def generate(prompt, prompt_file, model, device, dtype, threads, attention, compile_steps, max_new_tokens, temperature, top_k, top_p,
              seed, draft, num_draft_tokens, tree, depth, topk, stop, ignore_eos, stats, json_out):
     """Generate a continuation of PROMPT, streaming text to stdout as drafted tokens are accepted.
 
@@ -57,7 +59,7 @@ def generate(prompt, prompt_file, model, device, dtype, threads, attention, max_
                   tree=tree, depth=depth, topk=topk)
     check_request(max_new_tokens, draft, kwargs, tuple(stop))
     try:
-        runtime = load_runtime(model, device, dtype, threads, attention)
+        runtime = load_runtime(model, device, dtype, threads, attention, compile_steps)
         kwargs.update(draft=draft, max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos)
         echo = click.echo if runtime.is_main_process else _quiet
         result = (_print_json if json_out else _stream_text)(runtime, text, kwargs, echo)
