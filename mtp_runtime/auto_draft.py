@@ -59,6 +59,7 @@ class AutoDraft:
         self.accepts = [PRIOR_WEIGHT * PRIOR_ACCEPTANCE] * max_depth
         self.steps = 0
         self.explore_every = EXPLORE_EVERY
+        self.next_probe = EXPLORE_EVERY
         self.chosen: list[int] = []
         """Depth chosen at each step (for reports)."""
 
@@ -83,17 +84,16 @@ class AutoDraft:
         else:
             rates = {k: self.expected_tokens(k) / self.costs.step(batch, k) for k in range(self.max_depth + 1)}
             k = max(rates, key=rates.get)
-            if self.steps % self.explore_every == 0:
-                k = self._neighbour(k, rates)
-            elif k != 0:
-                self.explore_every = EXPLORE_EVERY
+            if self.steps >= self.next_probe:
+                k = self._probe(k, rates)
         self.chosen.append(k)
         return k
 
-    def _neighbour(self, best: int, rates: dict[int, float]) -> int:
+    def _probe(self, best: int, rates: dict[int, float]) -> int:
+        """The better neighbour of the best depth; the next probe comes later and later while plain decoding wins."""
+        self.explore_every = min(2 * self.explore_every, EXPLORE_MAX) if best == 0 else EXPLORE_EVERY
+        self.next_probe = self.steps + self.explore_every
         neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_depth]
-        if best == 0:
-            self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
         return max(neighbours, key=rates.get)
 
     def observe(self, depth: int, accepted: list[int]) -> None:

@@ -199,7 +199,7 @@ class Engine:
     def _root_only(batch: _Batch) -> DraftTree:
         """Plain decoding: the tree is the pending token alone."""
         zeros = torch.zeros(batch.pending.shape[0], 1, dtype=torch.long, device=batch.pending.device)
-        return DraftTree(tokens=batch.pending[:, None], parents=zeros - 1, depths=zeros)
+        return DraftTree(tokens=batch.pending[:, None], parents=zeros - 1, depths=zeros, chain=True)
 
     def _verify(self, batch: _Batch, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk forward over all n tree nodes at positions L + depth, each seeing the prefix and its ancestors."""

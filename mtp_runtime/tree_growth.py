@@ -183,7 +183,8 @@ class TreeGrowth:
         if not self.dynamic:
             b = self.tokens.shape[0]
             return DraftTree(tokens=self.tokens, parents=self.parents, depths=self.depths.expand(b, -1),
-                             draft_probs=self.draft_probs, valid=self.valid)
+                             draft_probs=self.draft_probs, valid=self.valid,
+                             chain=self.layout.size == len(self.layout.levels) + 1)
         n = self.layout.size
         keep = torch.arange(n, device=self.tokens.device).expand(self.tokens.shape[0], n)
         if n - 1 > self.params.num_draft_tokens:

@@ -68,6 +68,20 @@ def batched_trees(draw, max_nodes: int = 10, max_rows: int = 4, vocab: int = 4) 
 
 
 @FAST
+@given(st.integers(1, 9), st.integers(1, 4), st.data())
+def test_greedy_chain_shortcut_equals_the_general_walk(n, rows, data):
+    """accept_greedy's chain path (a prefix ends at the first mismatch) decides exactly what the tree walk does."""
+    tokens = torch.tensor([[data.draw(st.integers(0, 2)) for _ in range(n)] for _ in range(rows)])
+    argmax = torch.tensor([[data.draw(st.integers(0, 2)) for _ in range(n)] for _ in range(rows)])
+    valid = torch.tensor([[True] + [data.draw(st.booleans()) for _ in range(n - 1)] for _ in range(rows)])
+    chain = dict(tokens=tokens, parents=(torch.arange(n) - 1).expand(rows, n), depths=torch.arange(n).expand(rows, n),
+                 valid=valid if data.draw(st.booleans()) else None)
+    fast, walk = accept_greedy(DraftTree(**chain, chain=True), argmax), accept_greedy(DraftTree(**chain), argmax)
+    assert torch.equal(fast.path, walk.path) and torch.equal(fast.num_accepted, walk.num_accepted)
+    assert torch.equal(fast.bonus, walk.bonus)
+
+
+@FAST
 @given(batched_trees())
 def test_ancestor_mask_is_the_closure_of_parent_links_per_row(case):
     parents, tree = case

@@ -29,11 +29,26 @@ class Acceptance:
 
 def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> Acceptance:
     """Deepest path on which every node is the trunk's argmax after its parent; bonus: the argmax after it."""
+    if tree.chain:
+        return _accept_greedy_chain(tree, target_argmax)
     expected = target_argmax.gather(1, tree.parents.clamp(min=0))  # [B, n] the trunk's token at each node's place
     correct = (tree.tokens == expected) & _valid(tree)
     last = _deepest(tree, _on_accepted_path(tree, correct), torch.zeros_like(tree.tokens, dtype=torch.float))
     bonus = target_argmax.gather(1, last[:, None]).squeeze(1)
     return _acceptance(tree, last, bonus)
+
+
+def _accept_greedy_chain(tree: DraftTree, target_argmax: torch.Tensor) -> Acceptance:
+    """The same rule on a chain, where the accepted path is a prefix: the first mismatch ends it (Medusa's
+    cumprod)."""
+    correct = tree.tokens[:, 1:] == target_argmax[:, :-1]  # [B, n - 1] node i + 1 is the argmax after node i
+    if tree.valid is not None:
+        correct &= tree.valid[:, 1:]
+    num_accepted = correct.long().cumprod(dim=1).sum(dim=1)  # [B]
+    nodes = torch.arange(tree.tokens.shape[1], device=tree.tokens.device)
+    path = torch.where(nodes <= num_accepted[:, None], nodes, -1)  # [B, n] root first, padded with -1
+    bonus = target_argmax.gather(1, num_accepted[:, None]).squeeze(1)
+    return Acceptance(path=path, num_accepted=num_accepted, bonus=bonus)
 
 
 def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,

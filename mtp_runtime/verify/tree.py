@@ -34,6 +34,8 @@ class DraftTree:
     """[B, n, V] the processed draft distribution q at each node over its children; None under greedy."""
     valid: torch.Tensor | None = None
     """[B, n] False marks padding and invalid draws, never accepted; None means all valid."""
+    chain: bool = False
+    """Every row is a chain: node i's parent is node i - 1 (known from the shape, never from the data)."""
 
     @classmethod
     def from_shape(cls, shape: StaticTreeShape, tokens: torch.Tensor,
@@ -52,7 +54,7 @@ class DraftTree:
         """The same trees for the batch rows listed in rows only."""
         probs = None if self.draft_probs is None else self.draft_probs[rows]
         valid = None if self.valid is None else self.valid[rows]
-        return DraftTree(self.tokens[rows], self.parents[rows], self.depths[rows], probs, valid)
+        return DraftTree(self.tokens[rows], self.parents[rows], self.depths[rows], probs, valid, self.chain)
 
     def ancestor_mask(self) -> torch.Tensor:
         """[B, n, n] bool: [b, i, j] is True iff node j is node i or one of its ancestors."""

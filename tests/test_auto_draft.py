@@ -1,0 +1,126 @@
+"""draft='auto': its choice rule, and that whatever it chooses the output is plain decoding's.
+
+Step times on a shared machine are noise, so the engine tests give auto fixed costs (`FixedCosts`): a chain of k
+drafts costs 1 + 0.25 k plain steps. With drafts that are mostly right it must then draft deep chains, with drafts
+that are never right it must fall back to plain decoding; both give exactly the plain greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from builders import build_checkpoint, build_mostly_right
+from mtp_runtime import load
+from mtp_runtime.auto_draft import EXPLORE_EVERY, PRIOR_ACCEPTANCE, AutoDraft, StepCosts
+
+PROMPTS = [[5], [17, 3, 44], [9, 9, 31, 2, 60, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+class FixedCosts(StepCosts):
+    """A chain of k drafts costs 1 + per_draft * k (k = 0: plain decoding); measurements are ignored."""
+
+    def __init__(self, per_draft: float = 0.25):
+        super().__init__()
+        self.per_draft = per_draft
+
+    def record(self, table, key, seconds) -> None:
+        pass
+
+    def step(self, batch: int, k: int) -> float:
+        return 1.0 + self.per_draft * k
+
+
+@pytest.fixture(scope="module")
+def mostly_right(tmp_path_factory):
+    rt = load(build_mostly_right(tmp_path_factory.mktemp("auto_right"), num_mtp=2, seed=3), device="cpu")
+    rt.step_costs = FixedCosts()
+    return rt
+
+
+@pytest.fixture(scope="module")
+def never_right(tmp_path_factory):
+    rt = load(build_checkpoint(tmp_path_factory.mktemp("auto_random"), num_mtp=2, seed=0), device="cpu")
+    rt.step_costs = FixedCosts()
+    return rt
+
+
+def plain(rt, prompts, **kw):
+    return [r.token_ids for r in rt.generate(input_ids=prompts, draft="none", max_new_tokens=48, **kw)]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_auto_is_lossless_and_drafts_deep_when_drafts_are_right(mostly_right, batched):
+    groups = [PROMPTS] if batched else [[p] for p in PROMPTS]
+    for prompts in groups:
+        auto = mostly_right.generate(input_ids=prompts, draft="auto", max_new_tokens=48)
+        assert [r.token_ids for r in auto] == plain(mostly_right, prompts)
+        sizes = sum((r.stats.draft_sizes for r in auto), start=type(auto[0].stats.draft_sizes)())
+        assert sum(v for k, v in sizes.items() if k >= 2) > 0.6 * sum(sizes.values()), sizes
+
+
+def test_auto_falls_back_to_plain_decoding_when_drafts_are_never_right(never_right):
+    auto = never_right.generate(input_ids=PROMPTS, draft="auto", max_new_tokens=48)
+    assert [r.token_ids for r in auto] == plain(never_right, PROMPTS)
+    sizes = sum((r.stats.draft_sizes for r in auto), start=type(auto[0].stats.draft_sizes)())
+    assert sizes[0] > 0.75 * sum(sizes.values()), sizes
+
+
+def test_auto_sampling_repeats_with_a_seed(mostly_right):
+    runs = [mostly_right.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=32, temperature=0.8,
+                                  seed=7).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_auto_respects_its_longest_chain(mostly_right):
+    out = mostly_right.generate(input_ids=PROMPTS[3], draft="auto", num_draft_tokens=2, max_new_tokens=40)
+    assert max(out.stats.draft_sizes) <= 2
+    assert out.token_ids == [r.token_ids for r in mostly_right.generate(
+        input_ids=[PROMPTS[3]], draft="none", max_new_tokens=40)][0]
+
+
+# --- the choice rule -------------------------------------------------------------------------------------
+
+
+def test_expected_tokens_follow_the_per_depth_rates():
+    auto = AutoDraft(3, StepCosts())
+    auto.attempts, auto.accepts = [10.0, 10.0, 10.0], [8.0, 5.0, 2.0]
+    assert auto.expected_tokens(0) == 1.0
+    assert auto.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
+    assert auto.expected_tokens(3) == pytest.approx(1 + 0.8 + 0.4 + 0.4 * 0.2)
+
+
+def test_untried_depths_come_first_then_the_best_rate():
+    costs = StepCosts()
+    assert AutoDraft(2, costs).choose(1) == 1  # nothing measured yet: the shallowest untried chain
+    costs.verify.update({(1, 1): 1.0})
+    costs.draft.update({(1, 1): 0.1})
+    assert AutoDraft(2, costs).choose(1) == 2
+    costs.verify.update({(1, 0): 1.0, (1, 1): 1.0, (1, 2): 1.0})
+    costs.draft.update({(1, 1): 0.1, (1, 2): 0.2})
+    auto = AutoDraft(2, costs)
+    auto.attempts, auto.accepts = [10.0, 10.0], [9.0, 9.0]  # 0.9 per depth: the deepest chain pays
+    assert auto.choose(1) == 2
+    auto.attempts, auto.accepts = [10.0, 10.0], [0.0, 0.0]  # nothing accepted: plain decoding
+    assert auto.choose(1) == 0
+
+
+def test_observe_counts_only_depths_whose_parent_was_accepted():
+    auto = AutoDraft(3, StepCosts())
+    before = list(auto.attempts)
+    auto.observe(3, [0, 3, 1])
+    # depth 1 is tried by every row and kept by two; depth 2 is tried by those two; depth 3 by one (row 1)
+    assert auto.attempts[0] == pytest.approx(0.98 * before[0] + 3)
+    assert auto.accepts[0] == pytest.approx(0.98 * 2 * PRIOR_ACCEPTANCE + 2)
+    assert auto.attempts[1] == pytest.approx(0.98 * before[1] + 2)
+    assert auto.attempts[2] == pytest.approx(0.98 * before[2] + 1)
+
+
+def test_plain_decoding_is_probed_less_and_less_often():
+    costs = StepCosts()
+    costs.verify.update({(1, 0): 1.0, (1, 1): 2.0})
+    costs.draft.update({(1, 1): 1.0})
+    auto = AutoDraft(1, costs)
+    auto.attempts, auto.accepts = [100.0], [0.0]
+    probes = [step for step in range(1, 400) if auto.choose(1) == 1]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert probes[0] == EXPLORE_EVERY and gaps == [2 * EXPLORE_EVERY * 2**i for i in range(len(gaps))], probes
