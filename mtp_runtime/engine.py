@@ -79,15 +79,23 @@ class Engine:
     def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
         """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""
         with torch.inference_mode():
-            start = time.perf_counter()
-            batch = self._prefill(prompts)
+            batch, first = self.prefill(prompts)
             self.batch, self.stats = batch, batch.stats  # exposed read-only for inspection and tests
-            first = batch.pending.tolist()
-            yield self._emit(batch, [[token] for token in first], start)
+            yield first
             while batch.seq_ids.numel():
-                step_start = time.perf_counter()
-                emitted = self._step(batch)
-                yield self._emit(batch, emitted, step_start)
+                yield self.step(batch)
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[_Batch, StepOutput]:
+        """A new batch of `prompts` and the first token of each (what `run` starts with). For callers that drive
+        the steps themselves, under torch.inference_mode (continuous batching: batching.py, serve/)."""
+        start = time.perf_counter()
+        batch = self._prefill(prompts)
+        return batch, self._emit(batch, [[token] for token in batch.pending.tolist()], start)
+
+    def step(self, batch: _Batch) -> StepOutput:
+        """One decoding step of `batch` (what `run` repeats while rows are live)."""
+        start = time.perf_counter()
+        return self._emit(batch, self._step(batch), start)
 
     def _capacity(self, prompts: list[list[int]]) -> int:
         longest = max(len(p) for p in prompts)

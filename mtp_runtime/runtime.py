@@ -275,6 +275,11 @@ class Runtime:
     def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
         if eos_token_id is not None:
             return tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+        return self.eos_token_ids
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence by default: config.json's and the tokenizer's eos token."""
         ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)

@@ -8,7 +8,8 @@ from .errors import TokenizerError
 
 
 def load_tokenizer(folder: Path):
-    """A transformers fast tokenizer from folder/tokenizer.json, or None when the folder has none."""
+    """A transformers fast tokenizer from folder/tokenizer.json (with the folder's chat template, if it has one), or
+    None when the folder has no tokenizer.json."""
     file = Path(folder) / "tokenizer.json"
     if not file.is_file():
         return None
@@ -16,7 +17,7 @@ def load_tokenizer(folder: Path):
 
     try:
         return PreTrainedTokenizerFast(tokenizer_file=str(file), clean_up_tokenization_spaces=False,
-                                       **_special_tokens(Path(folder)))
+                                       chat_template=_chat_template(Path(folder)), **_special_tokens(Path(folder)))
     except Exception as exc:  # tokenizers raises its own exception types for malformed files
         raise TokenizerError(f"{file}: cannot be loaded ({exc}); re-export the tokenizer") from None
 
@@ -33,6 +34,23 @@ def _special_tokens(folder: Path) -> dict:
         raise TokenizerError(f"{config}: not valid JSON; fix or delete it") from None
     keys = ("bos_token", "eos_token", "unk_token", "pad_token")
     return {k: raw[k] for k in keys if isinstance(raw.get(k), str)}
+
+
+def _chat_template(folder: Path) -> str | list | None:
+    """The chat template: chat_template.jinja, else tokenizer_config.json's chat_template; None without one."""
+    import json
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError):
+        raise TokenizerError(f"{config}: not a valid JSON object; fix or delete it") from None
+    return template if isinstance(template, (str, list)) else None
 
 
 class TextStream:

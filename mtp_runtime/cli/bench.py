@@ -48,11 +48,20 @@ from .common import (TREE_SPEC, check_request, compile_option, friendly_errors, 
               help="Instead of timing, make CALLS generate calls on one runtime (cycling plain decoding and the "
                    "configurations; every 10th fills the cache to the model's maximum positions, every 5th is a "
                    "stream abandoned after one chunk) and report resident memory (RSS) as they go.")
+@click.option("--url", "urls", multiple=True, metavar="http://HOST:PORT",
+              help="Instead of a local model, load-test running `mtp-runtime serve` processes (repeatable: servers "
+                   "started with different --draft settings are reported side by side); with --soak, soak the "
+                   "first one over HTTP.")
+@click.option("--concurrency", default="1,4,16", show_default=True, metavar="C[,C...]",
+              help="With --url: clients streaming at once, one level per value.")
+@click.option("--num-requests", type=int, default=32, show_default=True,
+              help="With --url: requests per server and concurrency level.")
+@click.option("--api-key", default=None, envvar="MTP_RUNTIME_API_KEY", help="With --url: the servers' --api-key.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @friendly_errors
 def bench(model, device, dtype, threads, attention, compile_steps, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens,
           trees, depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf,
-          batch_sizes, soak, progress):
+          batch_sizes, soak, urls, concurrency, num_requests, api_key, progress):
     """Measure MTP draft acceptance and speedup over plain decoding, on the same prompts in one run.
 
     Plain decoding and every configuration run on the same prompts, interleaved, each after one untimed
@@ -83,6 +92,13 @@ def bench(model, device, dtype, threads, attention, compile_steps, prompts_file,
     from .. import bench as bench_mod
     from ..parallel import launched_world_size
 
+    if urls:
+        _check_outputs(json_file, plot_file)
+        _serving(urls, model, prompts_file, num_prompts, max_new_tokens, dict(temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed), ignore_eos, json_file, concurrency, num_requests, api_key, soak, progress,
+                 local={"--draft": drafts, "--num-draft-tokens": num_draft_tokens, "--tree": trees, "--depth": depth,
+                        "--topk": topk, "--compare-hf": compare_hf, "--plot": plot_file, "--batch-sizes": batch_sizes})
+        return
     if compare_hf and launched_world_size() > 1:
         raise ParallelError("--compare-hf runs transformers on the whole model; run it without torchrun")
     _check_outputs(json_file, plot_file)
@@ -94,10 +110,10 @@ def bench(model, device, dtype, threads, attention, compile_steps, prompts_file,
     runtime = load_runtime(model, device, dtype, threads, attention, compile_steps and _cpu(device))
     if sizes is not None or soak is not None:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        _batch_or_soak(runtime, _prompts(runtime, prompts_file, num_prompts), configs, sizes, soak, max_new_tokens,
-                       sampling, json_file, progress)
+        prompts = _prompts(runtime.path, prompts_file, num_prompts)
+        _batch_or_soak(runtime, prompts, configs, sizes, soak, max_new_tokens, sampling, json_file, progress)
         return
-    report = bench_mod.run_bench(runtime, _prompts(runtime, prompts_file, num_prompts), configs,
+    report = bench_mod.run_bench(runtime, _prompts(runtime.path, prompts_file, num_prompts), configs,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed, ignore_eos=ignore_eos, progress=progress and runtime.is_main_process)
     if not runtime.is_main_process:
@@ -151,6 +167,33 @@ def _batch_or_soak(runtime, prompts: list[str], configs, batch_sizes: list[int] 
         _write_json(report, json_file)
 
 
+def _serving(urls, model, prompts_file, num_prompts, max_new_tokens, sampling, ignore_eos, json_file, concurrency,
+             num_requests, api_key, soak, progress, local: dict) -> None:
+    """bench --url: the serving benchmark (or soak) against running servers (bench/serving.py)."""
+    from ..bench.serving import run_serving_bench, run_serving_soak
+
+    given = [name for name, value in local.items() if value]
+    if given:
+        raise GenerationSettingsError(f"{', '.join(given)} cannot be combined with --url: a server drafts as it was "
+                                      "started (start one per --draft setting and pass each --url)")
+    levels = _int_list(concurrency, "--concurrency")
+    if not levels or min(levels) < 1 or num_requests < 1:
+        raise GenerationSettingsError("--concurrency must list positive integers (e.g. 1,4,16) and --num-requests "
+                                      "must be at least 1")
+    if soak is not None and soak < 1:
+        raise GenerationSettingsError(f"--soak={soak} must be at least 1 request")
+    prompts = _prompts(model, prompts_file, num_prompts)
+    urls = [url.rstrip("/").removesuffix("/v1") for url in urls]
+    if soak is not None:
+        report = run_serving_soak(urls[0], prompts, soak, max_new_tokens, max(levels), api_key, progress)
+    else:
+        report = run_serving_bench(urls, prompts, levels, num_requests, max_new_tokens, sampling, ignore_eos, api_key,
+                                   progress)
+    click.echo(report.format())
+    if json_file is not None:
+        _write_json(report, json_file)
+
+
 def _int_list(value: str | None, option: str = "--num-draft-tokens") -> list[int] | None:
     """'1,2,3' as [1, 2, 3] (None stays None)."""
     if value is None:
@@ -174,13 +217,14 @@ def _check_outputs(json_file: Path | None, plot_file: Path | None) -> None:
             raise MTPRuntimeError(f"cannot write {file}: folder {file.resolve().parent} does not exist")
 
 
-def _prompts(runtime, prompts_file: Path | None, num_prompts: int) -> list[str]:
-    """The --prompts file, or held-out files of the corpus the model was trained on."""
+def _prompts(model_folder: Path | None, prompts_file: Path | None, num_prompts: int) -> list[str]:
+    """The --prompts file, or held-out files of the corpus the model (default: the shipped one) was trained on."""
+    from .. import DEFAULT_MODEL
     from ..prompts import default_prompts, load_prompts, training_corpus
 
     if prompts_file is not None:
         return load_prompts(prompts_file)
-    roots, percent = training_corpus(runtime.path)
+    roots, percent = training_corpus(model_folder if model_folder is not None else DEFAULT_MODEL)
     return default_prompts(num_prompts, roots=roots, percent=percent)
 
 

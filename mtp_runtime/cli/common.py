@@ -1,4 +1,4 @@
-"""What the commands share: one-line errors, the model and sampling options, loading and request checks."""
+"""What the commands share: one-line errors, the model, draft and sampling options, loading and request checks."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ def compile_option(default: bool):
         help="Run batch-1 decoding steps compiled (torch.compile, CPU): several times faster once each step shape "
              "has compiled, which takes tens of seconds the first time and a few seconds once inductor's on-disk "
              "cache holds it. Pays for long runs, not for one short generation.")
+
+draft_options = _options(
+    click.option("--draft", default=None, metavar="[auto|none|chain|tree|dynamic]",
+                 show_default="auto if the model has MTP modules, else none", help=DRAFT_HELP),
+    click.option("--num-draft-tokens", type=int, default=None,
+                 help="chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default 4); "
+                      "dynamic: draft nodes kept per step (default 8)."),
+    click.option("--tree", default=None, help="Static tree shape (implies --draft tree): " + TREE_SPEC),
+    click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]"),
+    click.option("--topk", type=int, default=None,
+                 help="dynamic: children per expanded node and nodes expanded per depth.  [default: 4]"),
+)
+"""--draft, --num-draft-tokens, --tree, --depth, --topk (one draft setting, as generate and serve take it)."""
 
 sampling_options = _options(
     click.option("--temperature", type=float, default=0.0, show_default=True,

@@ -10,7 +10,7 @@ import click
 
 from ..errors import MTPRuntimeError
 from ..params import DEFAULT_DRAFT_MODE
-from .common import (DRAFT_HELP, TREE_SPEC, check_request, compile_option, friendly_errors, load_runtime, model_options,
+from .common import (check_request, compile_option, draft_options, friendly_errors, load_runtime, model_options,
                      sampling_options)
 
 
@@ -23,15 +23,7 @@ from .common import (DRAFT_HELP, TREE_SPEC, check_request, compile_option, frien
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
 @sampling_options
 @click.option("--seed", type=int, default=None, show_default="random", help="Seed of the sampling generator.")
-@click.option("--draft", default=None, metavar="[auto|none|chain|tree|dynamic]",
-              show_default="auto if the model has MTP modules, else none", help=DRAFT_HELP)
-@click.option("--num-draft-tokens", type=int, default=None,
-              help="chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default 4); "
-                   "dynamic: draft nodes kept per step (default 8).")
-@click.option("--tree", default=None, help="Static tree shape (implies --draft tree): " + TREE_SPEC)
-@click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
-@click.option("--topk", type=int, default=None,
-              help="dynamic: children per expanded node and nodes expanded per depth.  [default: 4]")
+@draft_options
 @click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable); it is cut off.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--stats", is_flag=True, help="Print an acceptance summary to stderr after the text.")
