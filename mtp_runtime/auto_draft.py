@@ -7,7 +7,9 @@ size (verify + accept + commit of the chain, and the drafting that produced it),
 calls start from what earlier ones measured. Each step takes the k with the largest E_k / cost_k; k = 0 is plain
 decoding, with no MTP work at all. Untried depths are tried once first; after that, every few steps a neighbour
 of the best depth is tried again to keep its estimate fresh, less and less often while plain decoding keeps
-winning. The choice only changes what is proposed, never how it is verified: output stays exactly plain decoding's.
+winning. The choice only changes what is proposed, never how it is verified: output stays exactly plain decoding's
+(greedy: the same tokens; sampling: the same distribution). Seeded sampling repeats exactly: it chooses by modelled
+costs (`ModelledCosts`), not by timings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ FORGET = 0.98
 """Each new observation of a depth scales its earlier counts by this (an effective window of ~50 steps)."""
 COST_SMOOTHING = 0.2
 """Weight of the newest step time in a cost's moving average."""
+MODELLED_COST_PER_DRAFT = 0.5
+"""Seeded sampling: a drafted token is assumed to cost this fraction of a plain step (about what a chain step
+measured on the shipped model in eager mode), since measured times would make the draws depend on timing."""
 EXPLORE_EVERY = 16
 EXPLORE_MAX = 512
 """A neighbour of the best depth is retried every EXPLORE_EVERY steps; while plain decoding keeps winning, the
@@ -47,6 +52,24 @@ class StepCosts:
             return verify
         draft = self.draft.get((batch, k))
         return None if verify is None or draft is None else verify + draft
+
+
+class ModelledCosts(StepCosts):
+    """Step costs that depend on nothing measured: a chain of k drafts costs 1 + per_draft * k plain steps.
+
+    With a seed, sampled output must repeat exactly; which tokens are drawn depends on the draft shapes, so auto
+    then chooses from the acceptance it measures (the same on every run) and these modelled costs, never timings.
+    """
+
+    def __init__(self, per_draft: float = MODELLED_COST_PER_DRAFT):
+        super().__init__()
+        self.per_draft = per_draft
+
+    def record(self, table: dict, key: tuple[int, int], seconds: float) -> None:
+        pass
+
+    def step(self, batch: int, k: int) -> float:
+        return 1.0 + self.per_draft * k
 
 
 class AutoDraft:

@@ -15,7 +15,7 @@ import torch
 from .cache import LatentCache
 from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
-from .auto_draft import AutoDraft, StepCosts
+from .auto_draft import AutoDraft, ModelledCosts, StepCosts
 from .forwards import Forwards
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan, attention_impl, causal_visibility
@@ -74,7 +74,9 @@ class Engine:
         self.chain = request.draft.chains_only  # a commit never moves entries
         self.auto = None
         if request.draft.mode == "auto":
-            self.auto = AutoDraft(request.draft.max_depth, step_costs if step_costs is not None else StepCosts())
+            seeded = not request.sampling.greedy and seed is not None  # its draws must not depend on timing
+            costs = ModelledCosts() if seeded else step_costs if step_costs is not None else StepCosts()
+            self.auto = AutoDraft(request.draft.max_depth, costs)
 
     def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
         """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""

@@ -1,7 +1,7 @@
 """draft='auto': its choice rule, and that whatever it chooses the output is plain decoding's.
 
-Step times on a shared machine are noise, so the engine tests give auto fixed costs (`FixedCosts`): a chain of k
-drafts costs 1 + 0.25 k plain steps. With drafts that are mostly right it must then draft deep chains, with drafts
+Step times on a shared machine are noise, so the engine tests give auto modelled costs (`ModelledCosts`): a chain
+of k drafts costs 1 + 0.25 k plain steps. With drafts that are mostly right it must then draft deep chains, with drafts
 that are never right it must fall back to plain decoding; both give exactly the plain greedy tokens.
 """
 
@@ -11,36 +11,22 @@ import pytest
 
 from builders import build_checkpoint, build_mostly_right
 from mtp_runtime import load
-from mtp_runtime.auto_draft import EXPLORE_EVERY, PRIOR_ACCEPTANCE, AutoDraft, StepCosts
+from mtp_runtime.auto_draft import EXPLORE_EVERY, PRIOR_ACCEPTANCE, AutoDraft, ModelledCosts, StepCosts
 
 PROMPTS = [[5], [17, 3, 44], [9, 9, 31, 2, 60, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
-
-
-class FixedCosts(StepCosts):
-    """A chain of k drafts costs 1 + per_draft * k (k = 0: plain decoding); measurements are ignored."""
-
-    def __init__(self, per_draft: float = 0.25):
-        super().__init__()
-        self.per_draft = per_draft
-
-    def record(self, table, key, seconds) -> None:
-        pass
-
-    def step(self, batch: int, k: int) -> float:
-        return 1.0 + self.per_draft * k
 
 
 @pytest.fixture(scope="module")
 def mostly_right(tmp_path_factory):
     rt = load(build_mostly_right(tmp_path_factory.mktemp("auto_right"), num_mtp=2, seed=3), device="cpu")
-    rt.step_costs = FixedCosts()
+    rt.step_costs = ModelledCosts(0.25)
     return rt
 
 
 @pytest.fixture(scope="module")
 def never_right(tmp_path_factory):
     rt = load(build_checkpoint(tmp_path_factory.mktemp("auto_random"), num_mtp=2, seed=0), device="cpu")
-    rt.step_costs = FixedCosts()
+    rt.step_costs = ModelledCosts(0.25)
     return rt
 
 
@@ -65,10 +51,13 @@ def test_auto_falls_back_to_plain_decoding_when_drafts_are_never_right(never_rig
     assert sizes[0] > 0.75 * sum(sizes.values()), sizes
 
 
-def test_auto_sampling_repeats_with_a_seed(mostly_right):
-    runs = [mostly_right.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=32, temperature=0.8,
-                                  seed=7).token_ids for _ in range(2)]
-    assert runs[0] == runs[1]
+def test_auto_sampling_repeats_with_a_seed(tmp_path):
+    """With measured (noisy) costs too: seeded sampling chooses by modelled costs, so its draws repeat."""
+    rt = load(build_mostly_right(tmp_path, num_mtp=2, seed=3), device="cpu")
+    runs = [rt.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=32, temperature=0.8, seed=7)
+            for _ in range(3)]
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
+    assert sum(runs[0].stats.draft_sizes.values()) > 0
 
 
 def test_auto_respects_its_longest_chain(mostly_right):
