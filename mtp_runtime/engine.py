@@ -69,9 +69,7 @@ class Engine:
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.drafting = request.draft.mode != "none"
         if self.drafting and model.num_mtp == 0:
-            raise NoMTPModulesError(
-                "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or add modules with "
-                "`mtp-runtime train --mtp-only`")
+            raise NoMTPModulesError()
         self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator) if self.drafting else None
         self.chain = request.draft.chains_only  # a commit never moves entries
         self.auto = None

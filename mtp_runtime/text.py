@@ -129,12 +129,15 @@ class TextStream:
         self._prefix_text = self.decode(tokens[self._prefix: self._read])
 
     def _held_back(self, text: str) -> int:
-        """Characters at the end that may still change: an undecoded byte, or a stop string's beginning."""
-        hold = 1 if text.endswith("\ufffd") else 0
+        """Characters at the end that may still change: undecoded bytes, and a stop string's beginning before
+        them."""
+        whole = text.rstrip("\ufffd")
+        partial = len(text) - len(whole)
+        hold = partial
         for stop in self.stop_strings:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    hold = max(hold, k)
+            for k in range(min(len(stop) - 1, len(whole)), 0, -1):
+                if whole.endswith(stop[:k]):
+                    hold = max(hold, partial + k)
                     break
         return hold
 
