@@ -179,7 +179,8 @@ class GenerationRequest:
             raise GenerationSettingsError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
         self.sampling.validate()
         if not isinstance(self.acceptance, str) or self.acceptance not in ("exact", "typical"):
-            raise GenerationSettingsError(f"acceptance={show(self.acceptance)}; use 'exact' or 'typical' (lossy)")
+            raise GenerationSettingsError(f"acceptance={show(self.acceptance)} is unknown; use 'exact' or 'typical' "
+                                          "(lossy)")
         if self.acceptance == "typical" and self.sampling.greedy:
             raise GenerationSettingsError("typical acceptance needs temperature > 0; greedy decoding is always exact")
         for stop in self.stop_strings:

@@ -115,8 +115,8 @@ def prompt_texts(prompt: Any) -> tuple[list[str], bool]:
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, str) for t in prompt):
         texts, batched = list(prompt), True
     elif isinstance(prompt, (bytes, bytearray)):
-        raise wrong_type("prompt", prompt, "text (str) or a list of str; decode bytes first, e.g. "
-                                           "prompt.decode('utf-8')")
+        raise GenerationSettingsError(f"prompt must be text (str), not {type(prompt).__name__} {show(prompt)}; "
+                                      "decode it first, e.g. prompt.decode('utf-8')")
     elif isinstance(prompt, (list, tuple)) and prompt:
         bad = next(t for t in prompt if not isinstance(t, str))
         raise wrong_type("each prompt of a batch", bad, "a str (or pass token ids as input_ids)")

@@ -10,6 +10,8 @@ from .results import BenchReport
 RATES_NOTE = ("solid o: conditional, P(depth d accepted | depth d-1 accepted);\n"
               "a deep depth reached rarely can read 1.00 beside a low cumulative rate\n"
               "dashed x: cumulative (vLLM), P(at least d drafts accepted); never rises")
+JITTER = 0.05
+"""Horizontal offset between configurations' points at one depth."""
 
 
 def _pyplot():
@@ -55,13 +57,15 @@ def plot_report(report: BenchReport, path) -> None:
 
 def _plot_acceptance(ax, report: BenchReport) -> None:
     depths = 1
-    for r in report.drafting:
+    configs = report.drafting
+    for i, r in enumerate(configs):
         s = r.stats
+        shift = (i - (len(configs) - 1) / 2) * JITTER  # configurations side by side, so equal rates stay visible
         conditional = [v if n else float("nan") for v, n in zip(s.acceptance_per_depth, s.depth_attempts)]
-        line, = ax.plot(range(1, len(conditional) + 1), conditional, marker="o", markersize=7,
+        line, = ax.plot([d + shift for d in range(1, len(conditional) + 1)], conditional, marker="o", markersize=7,
                         label=f"{r.config.name} (tau {s.tau:.2f})")
-        ax.plot(range(1, len(s.cumulative_acceptance) + 1), s.cumulative_acceptance, linestyle="--", marker="x",
-                markersize=8, color=line.get_color())
+        ax.plot([d + shift for d in range(1, len(s.cumulative_acceptance) + 1)], s.cumulative_acceptance,
+                linestyle="--", marker="x", markersize=8, color=line.get_color())
         depths = max(depths, len(conditional))
     ax.set(xlabel="draft depth d", ylabel="acceptance rate", ylim=(-0.02, 1.12), xlim=(0.5, depths + 0.5),
            xticks=range(1, depths + 1), title="Acceptance per depth")
