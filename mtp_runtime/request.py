@@ -14,6 +14,7 @@ Anything else is a GenerationSettingsError naming the argument and the type it g
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from .errors import GenerationSettingsError, TokenizerError
 from .params import GenerationRequest, resolve_draft
 from .sampling import SamplingParams
-from .validate import check_text, is_int, show, wrong_type
+from .validate import check_text, is_int, is_number, show, wrong_type
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ def build_request(facts: ModelFacts, *, max_new_tokens: Any = 64, temperature: A
     """A validated GenerationRequest from generate()'s keyword arguments."""
     check_flag("ignore_eos", ignore_eos)
     request = GenerationRequest(
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        max_new_tokens=_plain(max_new_tokens),
+        sampling=SamplingParams(temperature=_plain(temperature, real=True), top_k=_plain(top_k),
+                                top_p=_plain(top_p, real=True), seed=_plain(seed)),
         draft=resolve_draft(draft, facts.num_mtp_modules, num_draft_tokens, tree, depth, draft_topk),
         eos_token_ids=eos_ids(eos_token_id, ignore_eos, facts),
         stop_strings=stop_strings(stop), acceptance=acceptance)
@@ -54,6 +56,18 @@ def build_request(facts: ModelFacts, *, max_new_tokens: Any = 64, temperature: A
     if request.stop_strings and facts.has_tokenizer is False:
         raise TokenizerError("stop strings need a tokenizer, but this model folder has no tokenizer.json")
     return request
+
+
+def _plain(value: Any, real: bool = False) -> Any:
+    """A numpy integer or float as Python's int or float (real: an integer too becomes a float); else unchanged."""
+    if is_int(value) and not real:
+        return int(value)
+    if real and is_number(value):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range
+            return math.inf if value > 0 else -math.inf
+    return value
 
 
 def draft_topk_argument(draft_topk: Any, topk: Any) -> Any:

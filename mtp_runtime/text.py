@@ -119,12 +119,14 @@ class TextStream:
         return self.decode(tokens[self._prefix:])[len(self._prefix_text):]
 
     def _advance(self, tokens: list[int], tail: str) -> None:
-        """Make tail final once it ends on a whole character; the tokens behind it become the next context."""
-        if not tail or tail.endswith("\ufffd"):
+        """Make tail final once it ends on a whole character (or is empty: special tokens); the tokens behind it
+        become the next context."""
+        if tail.endswith("\ufffd"):
             return
-        self._pieces.append(tail)
-        self._length += len(tail)
-        self._recent = (self._recent + tail)[-self._keep:]
+        if tail:
+            self._pieces.append(tail)
+            self._length += len(tail)
+            self._recent = (self._recent + tail)[-self._keep:]
         self._prefix, self._read = self._read, len(tokens)
         self._prefix_text = self.decode(tokens[self._prefix: self._read])
 

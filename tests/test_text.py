@@ -95,3 +95,14 @@ def test_a_stop_string_cuts_where_decoding_everything_cuts(tokenizer, stop, seed
         pytest.fail(f"{stop!r} never fired")
     final = stream.final(tokens[:keep])
     assert final == TEXT[:TEXT.index(stop)] and final.startswith(released) and stop not in released
+
+
+def test_special_tokens_cost_no_more_decoding(tokenizer):
+    """A run of end-of-text tokens (ignore_eos) decodes to nothing; the stream still moves on past them."""
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = tokenizer.encode("x = 1\n", add_special_tokens=False) + [eos] * 400
+    counting = CountingTokenizer(tokenizer)
+    stream = TextStream(counting)
+    for cut in range(1, len(tokens) + 1):
+        stream.push(tokens[:cut])
+    assert stream.final(tokens) == "x = 1\n" and counting.decoded <= 8 * len(tokens)

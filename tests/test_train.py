@@ -241,7 +241,7 @@ def test_resuming_says_from_which_step(tmp_path, capsys):
 
 def test_max_minutes_counts_the_data_preparation(tmp_path, capsys):
     """A budget used up by tokenizer training stops before any step, keeping what was prepared for the rerun."""
-    with pytest.raises(MTPRuntimeError, match=r"--max-minutes 1e-06 ran out while training the tokenizer"):
+    with pytest.raises(MTPRuntimeError, match=r"--max-minutes 1e-06 ran out while preparing the tokenizer"):
         Trainer(micro_settings(tmp_path, max_minutes=1e-6))
     assert "tokenizer: training a 300-token byte-level BPE" in capsys.readouterr().out
     assert (tmp_path / "run" / "tokenizer.json").is_file()  # kept: the rerun starts from it

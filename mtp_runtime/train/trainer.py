@@ -242,7 +242,7 @@ class Trainer:
             if tokenizer.get_vocab_size() < self.s.vocab_size:
                 tqdm.write(f"tokenizer: {tokenizer.get_vocab_size()} tokens (the corpus holds no more merges than "
                            f"that; --vocab-size asked for {self.s.vocab_size})")
-        self._check_budget("training the tokenizer")
+        self._check_budget("preparing the tokenizer")
         arrays = []
         for name, part in (("train", split.train), ("held_out", split.held_out)):
             path = data_dir / f"{name}.npy"
