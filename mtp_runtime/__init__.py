@@ -8,14 +8,21 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .errors import MTPRuntimeError
+from .validate import wrong_type
 from .runtime import GenerationResult, GenerationStream, Runtime, StreamChunk
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 
-__all__ = ["load", "generate", "Runtime", "GenerationResult", "GenerationStream", "StreamChunk",
+try:
+    __version__ = version("mtp-runtime")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "load", "generate", "Runtime", "GenerationResult", "GenerationStream", "StreamChunk",
            "MTPRuntimeError", "DEFAULT_MODEL"]
 
 
@@ -30,6 +37,8 @@ def load(path: str | Path | None = None, device=None, dtype=None, attention: str
     threads: torch CPU threads for this runtime's calls; None picks the fastest for the model (threads.py).
     compile: run batch-1 decoding steps compiled (`Runtime.compile`): faster once each step shape has compiled.
     """
+    if not isinstance(compile, bool):
+        raise wrong_type("compile", compile, "True or False")
     if path is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise MTPRuntimeError(

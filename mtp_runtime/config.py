@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .validate import finite_float, is_int, read_json, show
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -153,32 +153,16 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer * bytes_per_element
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """The config of a dict of config.json fields (unknown fields are ignored, as transformers does)."""
         if not isinstance(raw, dict):
-            raise ConfigError(f"config: expected a dict of config.json fields, got {type(raw).__name__}")
-        return _parse(raw)
+            raise ConfigError(f"{source}: expected a JSON object of config.json fields, got {type(raw).__name__}")
+        return _parse(raw, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config.json not found; point to a folder holding an HF config.json")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); fix or re-export the config") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc.strerror}); check the file's permissions") from None
-        try:
-            raw = json.loads(text)
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid JSON (nested too deeply); fix or re-export the config") from None
-        except ValueError as exc:  # JSONDecodeError, or an integer literal of more than 4300 digits
-            reason = "an integer with too many digits" if "integer string conversion" in str(exc) else exc
-            raise ConfigError(f"{path}: not valid JSON ({reason}); fix or re-export the config") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
-        return _parse(raw, source=str(path))
+        """The config of an HF config.json file; every problem is one ConfigError naming the file."""
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json fields transformers' DeepseekV3Config / DeepseekV2Config read."""
@@ -196,11 +180,22 @@ class ModelConfig:
         return out
 
 
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The fields of a config.json file as a dict (ConfigError when it is missing, unreadable or not an object)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config.json not found; point to a folder holding an HF config.json")
+    raw = read_json(path, ConfigError, "fix or re-export the config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return raw
+
+
 def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"{source}: unsupported model_type {_show(model_type)}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{source}: unsupported model_type {show(model_type)}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     missing = [name for name in REQUIRED_FIELDS if name not in raw]
     if "q_lora_rank" not in raw and model_type == "deepseek_v3":
@@ -243,15 +238,15 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
         raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {type(params).__name__}")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in ("default", "yarn"):
-        raise ConfigError(f"{source}: rope type {_show(rope_type)} is not supported; use 'default' or 'yarn'")
+        raise ConfigError(f"{source}: rope type {show(rope_type)} is not supported; use 'default' or 'yarn'")
     # a log of theta divides in YaRN, and real models use thousands: require theta > 1
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     kwargs: dict[str, Any] = {"theta": _rope_number("rope_theta", theta, 1, source), "type": rope_type,
                               "interleave": _flag(raw, "rope_interleave", "rope_interleave", source)}
     if rope_type == "yarn":
         original = params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))
-        if not _is_int(original, 1, MAX_INT):
-            raise ConfigError(f"{source}: rope original_max_position_embeddings={_show(original)} is invalid; "
+        if not is_int(original, 1, MAX_INT):
+            raise ConfigError(f"{source}: rope original_max_position_embeddings={show(original)} is invalid; "
                               f"expected an integer in 1..{MAX_INT}")
         optional = {key: _rope_number(key, params.get(key), 0, source, at_least=True, nullable=True)
                     for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
@@ -274,39 +269,21 @@ def _rope_number(key: str, value: Any, bound: float, source: str, at_least: bool
     """value as a finite float > bound (>= bound when at_least); None passes through when nullable."""
     if value is None and nullable:
         return None
-    number = _finite(value)
+    number = finite_float(value)
     if number is None or number < bound or (number == bound and not at_least):
         bound_text = f">= {bound}" if at_least else f"> {bound}"
         label = key if key.startswith("rope") else f"rope {key}"
-        raise ConfigError(f"{source}: {label}={_show(value)} is invalid; expected a finite number {bound_text}")
+        raise ConfigError(f"{source}: {label}={show(value)} is invalid; expected a finite number {bound_text}")
     return number
 
-
-def _finite(value: Any) -> float | None:
-    """value as a finite float, or None when it is not a number (bools are not) or overflows."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _flag(params: dict[str, Any], key: str, label: str, source: str) -> bool:
     value = params.get(key, True)
     if not isinstance(value, bool):
-        raise ConfigError(f"{source}: {label}={_show(value)} is invalid; expected true or false")
+        raise ConfigError(f"{source}: {label}={show(value)} is invalid; expected true or false")
     return value
 
-
-def _show(value: Any, limit: int = 60) -> str:
-    """repr of a config value, shortened so that a garbage value cannot flood the message."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int of more than 4300 digits
-        return f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _INT_FIELDS = {
@@ -322,41 +299,38 @@ _OPTIONAL_INT_FIELDS = {"q_lora_rank": (1, MAX_WIDTH), "n_routed_experts": (0, M
 _BOOL_FIELDS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings")
 
 
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
 
 def _check_types(values: dict[str, Any], source: str) -> None:
     """Raise ConfigError naming every field of the wrong type or range; the two float fields become floats."""
     bad = []
     for name, high in _INT_FIELDS.items():
-        if name in values and not _is_int(values[name], 0, high):
-            bad.append(f"{name}={_show(values[name])} (expected an integer in 0..{high})")
+        if name in values and not is_int(values[name], 0, high):
+            bad.append(f"{name}={show(values[name])} (expected an integer in 0..{high})")
     for name, (low, high) in _OPTIONAL_INT_FIELDS.items():
         v = values.get(name)
-        if v is not None and not _is_int(v, low, high):
-            bad.append(f"{name}={_show(v)} (expected an integer in {low}..{high}, or null)")
+        if v is not None and not is_int(v, low, high):
+            bad.append(f"{name}={show(v)} (expected an integer in {low}..{high}, or null)")
     for name in ("rms_norm_eps", "routed_scaling_factor"):
-        number = _finite(values.get(name))
+        number = finite_float(values.get(name))
         if name in values and (number is None or number < 0):
-            bad.append(f"{name}={_show(values[name])} (expected a finite number >= 0)")
+            bad.append(f"{name}={show(values[name])} (expected a finite number >= 0)")
         elif name in values:
             values[name] = number
     for name in _BOOL_FIELDS:
         if name in values and not isinstance(values[name], bool):
-            bad.append(f"{name}={_show(values[name])} (expected true or false)")
+            bad.append(f"{name}={show(values[name])} (expected true or false)")
     bos, eos = values.get("bos_token_id"), values.get("eos_token_id")
-    if bos is not None and not _is_int(bos, 0, MAX_INT):
-        bad.append(f"bos_token_id={_show(bos)} (expected a token id >= 0, or null)")
+    if bos is not None and not is_int(bos, 0, MAX_INT):
+        bad.append(f"bos_token_id={show(bos)} (expected a token id >= 0, or null)")
     eos_list = eos if isinstance(eos, list) else [eos]
-    if eos is not None and not all(_is_int(e, 0, MAX_INT) for e in eos_list):
-        bad.append(f"eos_token_id={_show(eos)} (expected a token id >= 0, a list of them, or null)")
+    if eos is not None and not all(is_int(e, 0, MAX_INT) for e in eos_list):
+        bad.append(f"eos_token_id={show(eos)} (expected a token id >= 0, a list of them, or null)")
     if values.get("topk_method") not in TOPK_METHODS:
-        bad.append(f"topk_method={_show(values.get('topk_method'))} (expected one of {', '.join(TOPK_METHODS)})")
+        bad.append(f"topk_method={show(values.get('topk_method'))} (expected one of {', '.join(TOPK_METHODS)})")
     if values.get("scoring_func") not in SCORING_FUNCS:
-        bad.append(f"scoring_func={_show(values.get('scoring_func'))} (expected one of {', '.join(SCORING_FUNCS)})")
+        bad.append(f"scoring_func={show(values.get('scoring_func'))} (expected one of {', '.join(SCORING_FUNCS)})")
     if values.get("hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act={_show(values.get('hidden_act'))} (only 'silu' is supported)")
+        bad.append(f"hidden_act={show(values.get('hidden_act'))} (only 'silu' is supported)")
     if bad:
         raise ConfigError(f"{source}: invalid field(s): {'; '.join(bad)}")
 
@@ -380,5 +354,10 @@ def _check_consistency(config: ModelConfig, source: str) -> None:
             problems.append("topk_group exceeds n_group")
         if config.moe_layer_freq < 1:
             problems.append("moe_layer_freq must be positive for MoE models")
+    bos = () if config.bos_token_id is None else (config.bos_token_id,)
+    for name, ids in (("eos_token_id", config.eos_token_ids), ("bos_token_id", bos)):
+        outside = [t for t in ids if t >= config.vocab_size]
+        if outside:
+            problems.append(f"{name} {outside[0]} is outside the vocabulary [0, {config.vocab_size})")
     if problems:
         raise ConfigError(f"{source}: inconsistent config: {'; '.join(problems)}")

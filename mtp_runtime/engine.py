@@ -17,6 +17,7 @@ from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
 from .auto_draft import AutoDraft, ModelledCosts, StepCosts
 from .forwards import Forwards
+from .memory import ensure_request_fits
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan, attention_impl, causal_visibility
 from .numerics import ensure_finite, first_nonfinite_module
@@ -35,7 +36,8 @@ class StepOutput:
     """Tokens that one step emitted, per sequence index (only sequences that emitted something)."""
 
     new_tokens: dict[int, list[int]]
-    finished: list[int]
+    finished: dict[int, str]
+    """Sequences this step ended, each with why: 'eos', 'stop' (a stop string) or 'length' (max_new_tokens)."""
 
 
 @dataclass
@@ -67,9 +69,7 @@ class Engine:
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.drafting = request.draft.mode != "none"
         if self.drafting and model.num_mtp == 0:
-            raise NoMTPModulesError(
-                "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or add modules with "
-                "`mtp-runtime train --mtp-only`")
+            raise NoMTPModulesError()
         self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator) if self.drafting else None
         self.chain = request.draft.chains_only  # a commit never moves entries
         self.auto = None
@@ -106,7 +106,9 @@ class Engine:
             raise CacheCapacityError(
                 f"prompt ({longest} tokens) + max_new_tokens ({self.request.max_new_tokens}) exceeds the model's "
                 f"maximum of {limit} positions; shorten the prompt or lower max_new_tokens")
-        return longest + self.request.max_new_tokens + self.request.draft.max_nodes + 2
+        capacity = longest + self.request.max_new_tokens + self.request.draft.max_nodes + 2
+        ensure_request_fits(self.model, len(prompts), longest, capacity, self.request.draft)
+        return capacity
 
     def _prefill(self, prompts: list[list[int]]) -> _Batch:
         """One trunk forward over the right-padded prompts; the first token comes from its last position."""
@@ -269,7 +271,7 @@ class Engine:
 
     def _emit(self, batch: _Batch, emitted: list[list[int]], start: float) -> StepOutput:
         """Apply stop conditions to this step's tokens, drop finished rows, and report what was emitted."""
-        out, finished, keep = {}, [], []
+        out, finished, keep = {}, {}, []
         eos = set(self.request.eos_token_ids)
         for row, seq in enumerate(batch.seq_ids.tolist()):
             tokens, stop = self._cut(batch.generated[seq], emitted[row], eos, seq)
@@ -280,26 +282,28 @@ class Engine:
             if tokens:
                 out[seq] = tokens
             if stop:
-                finished.append(seq)
+                finished[seq] = stop
             else:
                 keep.append(row)
         if finished:
             self._drop_finished(batch, keep)
         return StepOutput(out, finished)
 
-    def _cut(self, before: list[int], tokens: list[int], eos: set[int], seq: int) -> tuple[list[int], bool]:
-        """Tokens kept from this step and whether the sequence stops (eos, max_new_tokens, stop string)."""
+    def _cut(self, before: list[int], tokens: list[int], eos: set[int], seq: int) -> tuple[list[int], str | None]:
+        """Tokens kept from this step and why the sequence stops: 'stop' (a stop string), 'eos', 'length'
+        (max_new_tokens), or None while it goes on. The earliest cut wins; a stop string ending on an eos or the
+        last allowed token counts as 'stop', an eos that is the last allowed token as 'eos'."""
         room = self.request.max_new_tokens - len(before)
-        stop = len(tokens) >= room
+        stop = "length" if len(tokens) >= room else None
         tokens = tokens[:room]
         for i, token in enumerate(tokens):
             if token in eos:
-                tokens, stop = tokens[: i + 1], True
+                tokens, stop = tokens[: i + 1], "eos"
                 break
         if self.stop_checker is not None:
             keep = self.stop_checker(seq, before + tokens)
             if keep is not None:
-                tokens, stop = (before + tokens)[len(before): keep], True
+                tokens, stop = (before + tokens)[len(before): keep], "stop"
         return tokens, stop
 
     def _drop_finished(self, batch: _Batch, keep: list[int]) -> None:

@@ -17,8 +17,16 @@ class GenerationSettingsError(MTPRuntimeError, ValueError):
     """A generation argument (sampling, draft shape, lengths) is out of range."""
 
 
+class TrainingSettingsError(MTPRuntimeError, ValueError):
+    """A training setting (steps, sizes, rates, --arch, the run folder) is of the wrong type or out of range."""
+
+
 class NoMTPModulesError(MTPRuntimeError):
     """Speculative drafting was asked of a checkpoint that has no MTP modules."""
+
+    def __init__(self, message: str = "this checkpoint has no MTP modules, so it cannot draft; use draft='none', or "
+                                      "add modules with `mtp-runtime train --mtp-only`"):
+        super().__init__(message)
 
 
 class TokenizerError(MTPRuntimeError):
@@ -27,6 +35,10 @@ class TokenizerError(MTPRuntimeError):
 
 class CacheCapacityError(MTPRuntimeError):
     """The sequence would not fit in the model's maximum positions."""
+
+
+class InsufficientMemoryError(MTPRuntimeError, MemoryError):
+    """A request's caches and buffers would not fit in the device's free memory."""
 
 
 class DeviceError(MTPRuntimeError):

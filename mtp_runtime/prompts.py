@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import MTPRuntimeError
+from .validate import check_text
 
 PROMPT_LINES = 30
 """Lines taken from the top of each held-out file."""
@@ -66,6 +67,8 @@ def load_prompts(path: str | Path) -> list[str]:
     prompts = _jsonl_prompts(path, text) if path.suffix == ".jsonl" else _text_blocks(text)
     if not prompts:
         raise MTPRuntimeError(f"{path}: no prompts found")
+    for i, prompt in enumerate(prompts):
+        check_text(prompt, f"{path}: prompt {i}", MTPRuntimeError)
     return prompts
 
 

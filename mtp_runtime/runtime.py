@@ -8,9 +8,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointFiles, load_state_dict, weight_block_size
-from .config import ModelConfig
 from .auto_draft import StepCosts
+from .checkpoint import load_model, open_folder
+from .config import ModelConfig
 from .engine import Engine
 from .errors import ConfigError, DeviceError, GenerationSettingsError, TokenizerError
 from .forwards import Forwards
@@ -18,11 +18,13 @@ from .model import DeepseekForCausalLM
 from .model.flash import flash_attn_func
 from .model.plan import AttentionPlan
 from .parallel import ParallelGroup, check_shardable, shard_model
-from .params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
-from .sampling import SamplingParams
+from .params import GenerationRequest
+from .request import (ModelFacts, build_request, check_flag, draft_topk_argument, prompt_ids, prompt_texts,
+                      token_ids_in_vocabulary)
 from .stats import GenerationStats
 from .text import StopStrings, TextStream, load_tokenizer
 from .threads import check_threads, choose_threads
+from .validate import check_text, show, wrong_type
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -60,22 +62,42 @@ class GenerationStream:
         return self._chunks
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device types a model can run on here (meta holds no data; others have no kernels for this model)."""
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for `device` (None: cuda if available, else cpu); DeviceError where it cannot run a model."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise wrong_type("device", device, "a device name such as 'cpu' or 'cuda:0', or a torch.device", DeviceError)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise DeviceError(f"device {str(device)!r} cannot run a model; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+        raise DeviceError(f"device {str(device)!r} was requested but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s), cuda:0 first")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' was requested but MPS is not available here; use --device cpu")
     return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The torch dtype for `dtype` (None: bfloat16 on cuda, float32 elsewhere)."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise DeviceError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
         return dtype
+    if not isinstance(dtype, str):
+        raise wrong_type("dtype", dtype, f"one of {', '.join(sorted(DTYPES))}, or a torch.dtype", DeviceError)
     if dtype not in DTYPES:
         raise DeviceError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(DTYPES))}")
     return DTYPES[dtype]
@@ -86,8 +108,8 @@ ATTENTION_CHOICES = ("auto", "flash", "sdpa")
 
 def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
     """Check the prefill attention kernel: auto (flash-attn where it can run, else SDPA), flash (required), sdpa."""
-    if attention not in ATTENTION_CHOICES:
-        raise DeviceError(f"attention {attention!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}")
+    if not isinstance(attention, str) or attention not in ATTENTION_CHOICES:
+        raise DeviceError(f"attention={show(attention)} is unknown; use one of {', '.join(ATTENTION_CHOICES)}")
     if attention != "flash":
         return attention
     if flash_attn_func is None:
@@ -145,36 +167,22 @@ class Runtime:
         With `parallel`, every rank loads the full checkpoint and then keeps only its share of the attention
         heads, experts and MLP channels (see mtp_runtime.parallel); every rank must then make the same calls.
         """
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"model folder {path} does not exist; pass a folder holding an HF config.json")
-        if not path.is_dir():
-            raise ConfigError(f"model path {path} is a file, not a folder; pass the folder that holds config.json "
-                              f"and the *.safetensors files")
-        config = ModelConfig.from_file(path / "config.json")
+        if not isinstance(path, (str, Path)):
+            raise wrong_type("path", path, "a model folder (str or Path), or None for the shipped model", ConfigError)
+        if parallel is not None and not isinstance(parallel, ParallelGroup):
+            raise wrong_type("parallel", parallel, "a mtp_runtime.parallel.ParallelGroup, or None")
+        check_threads(threads)
+        folder = open_folder(path)
         if parallel is not None:
-            check_shardable(config, parallel.world_size)
+            check_shardable(folder.config, parallel.world_size)
         device = resolve_device(parallel.device if device is None and parallel is not None else device)
         dtype = resolve_dtype(dtype, device)
         attention = resolve_attention(attention, device, dtype)
-        files = CheckpointFiles(path)
-        n = config.num_hidden_layers
-        num_mtp = files.mtp_layer_count(n)
-        with torch.device("meta"):
-            model = DeepseekForCausalLM(
-                config, num_mtp,
-                mtp_own_head=num_mtp > 0 and files.has_our_name("mtp.0.shared_head.head.weight", n),
-                mtp_own_embedding=num_mtp > 0 and files.has_our_name("mtp.0.embed_tokens.weight", n))
-        expected = {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
-        raw_config = _raw_config(path)
-        state = load_state_dict(files, expected, n, dtype=dtype, device=device,
-                                tie_word_embeddings=config.tie_word_embeddings,
-                                block_size=weight_block_size(raw_config))
-        model.load_state_dict(state, strict=True, assign=True)
-        model.to(device)  # the non-persistent buffers (RoPE tables, norm constants) were built on the CPU
+        tokenizer = load_tokenizer(folder.path)
+        model = load_model(folder, device, dtype)
         if parallel is not None:
             shard_model(model, parallel)
-        return cls(model, load_tokenizer(path), path, attention, parallel, threads)
+        return cls(model, tokenizer, folder.path, attention, parallel, threads)
 
     @property
     def device(self) -> torch.device:
@@ -194,45 +202,67 @@ class Runtime:
         return self.config.latent_cache_bytes_per_token(self.model.lm_head.weight.element_size())
 
     def logits(self, input_ids) -> torch.Tensor:
-        """Trunk logits [B, T, vocab] (float32) of full sequences, without a cache."""
-        ids = _as_batch(input_ids).to(self.device)
+        """Trunk logits [B, T, vocab] (float32) of full sequences of one length, without a cache."""
+        rows, _ = prompt_ids(input_ids, self.config.vocab_size)
+        if len({len(row) for row in rows}) > 1:
+            raise GenerationSettingsError("logits() needs sequences of one length; score them separately")
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model.forward_trunk(ids, AttentionPlan.causal(*ids.shape, device=self.device))
             return self.model.logits(hidden)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text (no special tokens added)."""
+        if not isinstance(text, str):
+            raise wrong_type("text", text, "a str")
+        check_text(text, "text")
+        return self._tokenizer().encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids) -> str:
+        """The text of token ids, as generate reports it (special tokens skipped)."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        if not isinstance(token_ids, (list, tuple)):
+            raise wrong_type("token_ids", token_ids, "a list of token ids")
+        ids = token_ids_in_vocabulary(list(token_ids), self.config.vocab_size, "token_ids")
+        return self._tokenizer().decode(ids, skip_special_tokens=True)
+
+    def _tokenizer(self, what: str = "text"):
         if self.tokenizer is None:
-            raise TokenizerError(
-                "a text prompt needs a tokenizer, but this model folder has no tokenizer.json; pass input_ids")
-        return self.tokenizer.encode(text, add_special_tokens=False)
+            raise TokenizerError(f"{what} needs a tokenizer, but this model folder has no tokenizer.json; pass "
+                                 "token ids (input_ids)")
+        return self.tokenizer
+
+    @property
+    def facts(self) -> ModelFacts:
+        """What request checks need to know of this model."""
+        return ModelFacts(self.num_mtp_modules, self.config.vocab_size, self.eos_token_ids,
+                          self.tokenizer is not None)
 
     def generate(self, prompt: str | Sequence[str] | None = None, *, input_ids=None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  draft: str | None = None, num_draft_tokens: int | None = None, tree=None,
-                 depth: int | None = None, topk: int | None = None, eos_token_id=None, ignore_eos: bool = False,
-                 stop: str | Sequence[str] | None = None, acceptance: str = "exact", stream: bool = False):
+                 depth: int | None = None, draft_topk: int | None = None, eos_token_id=None, ignore_eos: bool = False,
+                 stop: str | Sequence[str] | None = None, acceptance: str = "exact", stream: bool = False,
+                 topk: int | None = None):
         """Generate from one prompt (a str, or input_ids list) or a batch (a list of either).
 
-        draft: 'auto' | 'chain' | 'tree' | 'dynamic' | 'none'; None picks 'auto' (each step drafts the chain
-        length, from none to num_draft_tokens, that measured acceptance and step times say is fastest) when the
-        checkpoint has MTP modules, else 'none'. acceptance: 'exact' (lossless) or 'typical' (Medusa's typical
-        acceptance: LOSSY, faster, sampling only). Returns a GenerationResult (a list for a batch), or a
-        GenerationStream when stream=True.
+        draft: 'auto' | 'chain' | 'tree' | 'dynamic' | 'none'; None picks 'tree' when a tree is given, else 'auto'
+        (each step drafts the chain length, from none to num_draft_tokens, that measured acceptance and step times
+        say is fastest) when the checkpoint has MTP modules, else 'none'. A draft argument the mode does not read is
+        an error. acceptance: 'exact' (lossless) or 'typical' (Medusa's typical acceptance: LOSSY, faster, sampling
+        only). topk: the old name of draft_topk. Every argument is checked before any is used (request.py says what
+        each accepts). Returns a GenerationResult (a list for a batch), or a GenerationStream when stream=True.
         """
-        prompts, batched = self._prompts(prompt, input_ids)
+        check_flag("stream", stream)
         if seed is None and self.parallel is not None:
             seed = self.parallel.agree_seed()  # ranks must sample alike
-        if draft is None:
-            draft = DEFAULT_DRAFT_MODE if self.num_mtp_modules else "none"
-        request = GenerationRequest(
-            max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-            draft=DraftParams.build(draft, num_draft_tokens, tree, depth, topk),
-            eos_token_ids=() if ignore_eos else self._eos_ids(eos_token_id),
-            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop or ()), acceptance=acceptance)
-        request.validate()
-        if request.stop_strings and self.tokenizer is None:
-            raise TokenizerError("stop strings need a tokenizer, but this model folder has no tokenizer.json")
+        request = build_request(
+            self.facts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            draft=draft, num_draft_tokens=num_draft_tokens, tree=tree, depth=depth,
+            draft_topk=draft_topk_argument(draft_topk, topk), eos_token_id=eos_token_id, ignore_eos=ignore_eos,
+            stop=stop, acceptance=acceptance)
+        prompts, batched = self._prompts(prompt, input_ids)
         results: list[GenerationResult] = []
         chunks = self._run(prompts, request, results)
         if stream:
@@ -256,65 +286,32 @@ class Runtime:
             for seq, tokens in step.new_tokens.items():
                 generated[seq].extend(tokens)
                 yield StreamChunk(seq, tokens, texts[seq].push(generated[seq]))
-            for seq in step.finished:
-                finish[seq] = self._finish_reason(generated[seq], texts[seq], request)
+            for seq, reason in step.finished.items():
+                finish[seq] = reason
         for seq, prompt in enumerate(prompts):
             text = texts[seq].final(generated[seq]) if self.tokenizer is not None else None
             if text and len(text) > texts[seq].released:
                 yield StreamChunk(seq, [], text[texts[seq].released:])
             results.append(GenerationResult(generated[seq], text, engine.stats[seq], prompt, finish[seq]))
 
-    @staticmethod
-    def _finish_reason(tokens: list[int], text: TextStream, request: GenerationRequest) -> str:
-        if text.stopped:
-            return "stop"
-        if tokens and tokens[-1] in request.eos_token_ids:
-            return "eos"
-        return "length"
-
-    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
-        if eos_token_id is not None:
-            return tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
-        return self.eos_token_ids
-
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """The ids that end a sequence by default: config.json's and the tokenizer's eos token."""
+        """The ids that end a sequence by default: config.json's and the tokenizer's eos token (those inside the
+        vocabulary)."""
         ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        return tuple(sorted(ids))
+        return tuple(sorted(t for t in ids if t < self.config.vocab_size))
 
     def _prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
         if (prompt is None) == (input_ids is None):
             raise GenerationSettingsError("pass exactly one of prompt (text) or input_ids")
-        if prompt is not None:
-            batched = not isinstance(prompt, str)
-            texts = list(prompt) if batched else [prompt]
-            if not texts or any(not isinstance(t, str) or not t for t in texts):
-                raise GenerationSettingsError("prompt is empty; give some text (or input_ids)")
-            prompts = [self.encode(t) for t in texts]
-        else:
-            if isinstance(input_ids, torch.Tensor):
-                input_ids = input_ids.tolist()
-            batched = bool(input_ids) and isinstance(input_ids[0], (list, tuple))
-            prompts = [list(p) for p in input_ids] if batched else [list(input_ids)]
-        vocab = self.config.vocab_size
-        for p in prompts:
-            if not p:
-                raise GenerationSettingsError("prompt is empty (no tokens); give at least one token")
-            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise GenerationSettingsError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if input_ids is not None:
+            return prompt_ids(input_ids, self.config.vocab_size)
+        texts, batched = prompt_texts(prompt)
+        tokenizer = self._tokenizer("a text prompt")
+        prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise GenerationSettingsError(f"prompt {i} encodes to no tokens; give some text (or input_ids)")
         return prompts, batched
-
-
-def _as_batch(input_ids) -> torch.Tensor:
-    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.long)
-    return ids[None] if ids.dim() == 1 else ids
-
-
-def _raw_config(path: Path) -> dict:
-    import json
-
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))

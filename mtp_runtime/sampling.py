@@ -13,6 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .errors import GenerationSettingsError
+from .validate import is_int, is_number, show, wrong_type
+
+MAX_SEED = 2**64 - 1
+"""torch.Generator.manual_seed takes seeds up to this."""
+MIN_TEMPERATURE = 1e-30
+"""Temperatures below this are computed as this. In float32, exp(-gap / 1e-30) is 0 for every gap above 1e-28, and
+two distinct float32 logits of magnitude above 1e-20 always differ by more: the result is the exact limit (a one-hot
+of the argmax, ties split evenly), and the scale stays a normal float32."""
 
 
 @dataclass(frozen=True)
@@ -29,14 +37,28 @@ class SamplingParams:
     """Seed of the sampling generator; None draws from torch's global one."""
 
     def validate(self) -> None:
-        """Raise GenerationSettingsError when a field is out of range."""
+        """Raise GenerationSettingsError when a field is of the wrong type, out of range, or does not apply."""
+        if not is_number(self.temperature):
+            raise wrong_type("temperature", self.temperature, "a number >= 0 (0 = greedy)")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise GenerationSettingsError(
                 f"temperature={self.temperature!r} is invalid: it must be a finite number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k):
+            raise wrong_type("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if self.top_k < 0:
             raise GenerationSettingsError(f"top_k={self.top_k!r} is invalid: it must be an integer >= 0 (0 = off)")
+        if not is_number(self.top_p):
+            raise wrong_type("top_p", self.top_p, "a number in (0, 1] (1 = off)")
         if not 0 < self.top_p <= 1:
             raise GenerationSettingsError(f"top_p={self.top_p!r} is invalid: it must lie in (0, 1] (1 = off)")
+        if self.seed is not None and not is_int(self.seed):
+            raise wrong_type("seed", self.seed, "an integer in 0..2**64-1, or None (random)")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise GenerationSettingsError(f"seed={show(self.seed)} is invalid: it must lie in 0..2**64-1")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            knob = f"top_k={self.top_k}" if self.top_k else f"top_p={self.top_p}"
+            raise GenerationSettingsError(f"{knob} has no effect with greedy decoding (temperature=0); set a "
+                                          "temperature > 0 to sample, or drop it")
 
     @property
     def greedy(self) -> bool:
@@ -49,7 +71,10 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     logits = logits.float()
     if params.greedy:
         return one_hot_argmax(logits)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # shifted by the maximum, every scaled logit is <= 0: a tiny temperature makes the others -inf (probability 0),
+    # never inf - inf = NaN
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(shifted / max(params.temperature, MIN_TEMPERATURE), dim=-1)
     if 0 < params.top_k < probs.shape[-1]:
         probs = _renormalise(_top_k(probs, params.top_k))
     if params.top_p < 1:

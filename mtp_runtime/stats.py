@@ -6,6 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    """tokens / seconds; 0.0 when no time was measured."""
+    return tokens / seconds if seconds > 0 else 0.0
+
+
 @dataclass
 class GenerationStats:
     """Figures for one sequence (or summed over several with `merge`)."""
@@ -42,7 +47,7 @@ class GenerationStats:
     def tau(self) -> float:
         """1 + sum(cumulative_acceptance): tokens per verify forward that carried drafts, bonus included.
 
-        DESIGN.md's mean accepted length; 1.0 when nothing was drafted.
+        docs/architecture.md's tau; 1.0 when nothing was drafted.
         """
         return 1.0 + sum(self.cumulative_acceptance)
 
@@ -64,7 +69,7 @@ class GenerationStats:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+        return tokens_per_second(self.new_tokens, self.time_total)
 
     @property
     def time_other(self) -> float:

@@ -6,21 +6,7 @@ so it works on the configs of models far too large to load here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-
-
-@dataclass(frozen=True)
-class MTPLayout:
-    """The MTP modules a checkpoint stores (or, without weights, those its config promises)."""
-
-    depth: int
-    stored: bool
-    """The checkpoint holds MTP weights (False: described from the config alone)."""
-    own_head: bool
-    """Each module stores its own output head instead of sharing the trunk's."""
-    own_embedding: bool
-    """Each module stores its own embedding instead of sharing the trunk's."""
 
 
 def attention_params(cfg) -> int:
@@ -48,7 +34,7 @@ def layer_params(cfg, layer_idx: int) -> tuple[int, float]:
     return total, total - routed + routed * cfg.num_experts_per_tok / experts
 
 
-def parameter_counts(cfg, mtp: MTPLayout) -> dict:
+def parameter_counts(cfg, mtp) -> dict:
     """Total and active-per-token parameters of the trunk and of the MTP modules."""
     n, h, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     layers = [layer_params(cfg, i) for i in range(n)]
@@ -62,34 +48,20 @@ def parameter_counts(cfg, mtp: MTPLayout) -> dict:
             "mtp_active_per_token": round(sum(a for _, a in modules) + mtp.depth * extra)}
 
 
-def mtp_layout(folder: Path, cfg) -> MTPLayout:
-    """The MTP modules stored in the folder's safetensors headers, or the config's promise without weights."""
-    from .checkpoint import CheckpointFiles
-    from .errors import CheckpointError
-
-    n = cfg.num_hidden_layers
-    try:
-        files = CheckpointFiles(folder)
-        depth = files.mtp_layer_count(n)
-        own_head = depth > 0 and files.has_our_name("mtp.0.shared_head.head.weight", n)
-        own_embedding = depth > 0 and files.has_our_name("mtp.0.embed_tokens.weight", n)
-        return MTPLayout(depth, True, own_head, own_embedding)
-    except CheckpointError:  # config only: describe what the config promises
-        return MTPLayout(cfg.num_nextn_predict_layers, False, True, True)
-
-
-def model_summary(folder: Path) -> dict:
+def model_summary(path: Path) -> dict:
     """Architecture, parameter counts, MTP depth, cache sizes and vocabulary of a model folder (weights optional)."""
-    from .config import ModelConfig
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointFiles, mtp_layout, open_folder
     from .text import load_tokenizer
 
-    cfg = ModelConfig.from_file(folder / "config.json")
-    mtp = mtp_layout(folder, cfg)
+    folder = open_folder(path)
+    cfg = folder.config
+    has_weights = (folder.path / SINGLE_FILE).is_file() or (folder.path / INDEX_FILE).is_file()
+    mtp = mtp_layout(folder, CheckpointFiles(folder.path) if has_weights else None)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     latent, expanded = cfg.latent_cache_bytes_per_token(2), cfg.expanded_cache_bytes_per_token(2)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder.path)
     return {
-        "model": str(folder), "model_type": cfg.model_type,
+        "model": str(folder.path), "model_type": cfg.model_type,
         "layers": {"total": cfg.num_hidden_layers, "dense": cfg.num_hidden_layers - moe_layers, "moe": moe_layers},
         "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,

@@ -18,6 +18,7 @@ from .cache import LatentCache
 from .errors import GenerationSettingsError
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
+from .validate import is_int, show, wrong_type
 
 ONE_THREAD_MAX_PARAMETERS = 20_000_000
 """Models up to this size decode with one thread without measuring (the shipped models: 1 thread was 1.2-2x faster
@@ -27,13 +28,8 @@ MEASURED_MAX_PARAMETERS = 200_000_000
 TIMED_STEPS = 6
 
 
-def check_threads(threads) -> int | None:
-    """The thread count asked for (None: choose), or GenerationSettingsError."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096:
-        raise GenerationSettingsError(f"threads={threads!r} must be an integer in 1..4096 (or None to choose)")
-    return threads
+THREADS_PER_CORE_MAX = 4
+"""More torch threads than this per core only oversubscribe the machine; asking for more is refused."""
 
 
 def cores() -> int:
@@ -41,6 +37,22 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    return THREADS_PER_CORE_MAX * cores()
+
+
+def check_threads(threads) -> int | None:
+    """The thread count asked for (None: choose), or GenerationSettingsError."""
+    if threads is None:
+        return None
+    if not is_int(threads):
+        raise wrong_type("threads", threads, f"an integer in 1..{max_threads()}, or None (choose)")
+    if not 1 <= threads <= max_threads():
+        raise GenerationSettingsError(f"threads={show(threads)} is out of range: use 1..{max_threads()} "
+                                      f"({THREADS_PER_CORE_MAX} per core of the {cores()} this process may use)")
+    return int(threads)
 
 
 def choose_threads(model: DeepseekForCausalLM) -> int:

@@ -19,10 +19,6 @@ from mtp_runtime.model import DeepseekForCausalLM
 
 WEIGHT_STD = 0.3
 
-# These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine several threads per
-# process oversubscribe the cores and make every forward ~100x slower.
-torch.set_num_threads(1)
-
 TINY_V3 = dict(
     model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=512,

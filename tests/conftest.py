@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: tiny random transformers reference models saved as checkpoints, built once per session."""
+"""Shared pytest fixtures: the tiny tokenized checkpoint, no_grad, and tiny random transformers reference models
+saved as checkpoints, each built once per session. Plain helpers (checks, the CLI runner) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,12 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_tiny
 from hf_fixtures import (
     FP8_OVERRIDES, load_reference, make_case, make_drafter_case, make_v3, resave, write_dequantized,
 )
 
 # Tiny models gain nothing from intra-op threads, and on a shared CPU the extra threads spin and stall.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 folder with 2 MTP modules, mostly-accepted drafts and a byte-level BPE tokenizer."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def no_grad():
+    """Run the test under torch.no_grad (use with pytestmark = pytest.mark.usefixtures("no_grad"))."""
+    with torch.no_grad():
+        yield
 
 
 @dataclass

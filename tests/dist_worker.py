@@ -20,7 +20,7 @@ GENERATE_CASES = {
     "plain": dict(draft="none"),
     "chain": dict(draft="chain", num_draft_tokens=2),
     "tree": dict(draft="tree", tree="2,1"),
-    "dynamic": dict(draft="dynamic", num_draft_tokens=6, depth=3, topk=2),
+    "dynamic": dict(draft="dynamic", num_draft_tokens=6, depth=3, draft_topk=2),
     "sampled": dict(draft="chain", num_draft_tokens=2, temperature=0.8, seed=5),
 }
 

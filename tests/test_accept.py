@@ -46,15 +46,6 @@ Q_PEAKED[0] = torch.tensor([0.05, 0.05, 0.70, 0.10, 0.10])
 ROOT = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one thread avoids paying for thread hand-offs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- greedy
 
 def shape_tree(shape: StaticTreeShape, tokens: list[list[int]], valid=None) -> DraftTree:

@@ -19,10 +19,7 @@ ATOL = 1e-4
 PROMPTS = [[5], [17, 3, 44], [9, 9, 31, 2, 60, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")

@@ -9,79 +9,28 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import mtp_runtime
 from builders import build_mostly_right
+from helpers import SNIPPETS, assert_one_line_error, check_stats, run_cli, shipped_model
 from mtp_runtime import bench, prompts
-from mtp_runtime.cli import main
 from mtp_runtime.errors import GenerationSettingsError, MTPRuntimeError
 from mtp_runtime.stats import GenerationStats
-from mtp_runtime.train.corpus import train_tokenizer
 
-SNIPPETS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
-            "class Point:\n    def __init__(self, x, y):\n        self.x = x\n", "import os\nimport sys\n"]
-
-
-def shipped_model() -> Path:
-    """The shipped default model."""
-    return mtp_runtime.DEFAULT_MODEL
-
-
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny DeepSeek-V3 folder with 2 MTP modules, mostly-accepted drafts and a byte-level BPE tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny")
-    text = folder / "snippets.txt"
-    text.write_text("\n".join(SNIPPETS * 4), encoding="utf-8")
-    tokenizer = train_tokenizer([text], 300, folder / "tokenizer.json")
-    text.unlink()
-    return build_mostly_right(folder, vocab=tokenizer.get_vocab_size(), num_mtp=2, seed=3)
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+run = run_cli
 
 
 def run_json(*args, input=None) -> dict:
     result = run(*args, "--json", input=input)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def check_stats(stats: dict, draft_steps_expected: bool = True, prefills: int = 1) -> None:
-    """The figures of one stats.to_dict() (over `prefills` sequences) agree with one another."""
-    assert stats["steps"] > 0
-    assert stats["mean_accepted_length"] == pytest.approx(stats["new_tokens"] / stats["steps"])
-    assert all(0.0 <= r <= 1.0 for r in stats["acceptance_per_depth"] + stats["cumulative_acceptance"])
-    cumulative = stats["cumulative_acceptance"]
-    assert all(a >= b for a, b in zip(cumulative, cumulative[1:]))
-    assert stats["tau"] == pytest.approx(1 + sum(cumulative))
-    hist = {int(k): v for k, v in stats["accepted_length_histogram"].items()}
-    if draft_steps_expected:
-        # every verify step drafted, and each emitted its accepted drafts + 1 bonus token (each prefill emits 1)
-        assert sum(hist.values()) == stats["steps"] - prefills
-        assert stats["new_tokens"] <= prefills + sum((k + 1) * v for k, v in hist.items())
-        # tau = 1 + sum of the cumulative rates, over the verify steps
-        assert sum((k + 1) * v for k, v in hist.items()) / sum(hist.values()) == pytest.approx(1 + sum(cumulative))
-    times = stats["time_s"]
-    assert times["draft"] + times["verify"] + times["commit"] + times["other"] == pytest.approx(times["total"])
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -120,7 +69,7 @@ def test_generate_stats_summary_on_stderr(tiny):
 
 
 @pytest.mark.parametrize("draft", [["--draft", "chain", "--num-draft-tokens", "3"], ["--draft", "tree", "--tree", "2,2"],
-                                   ["--draft", "dynamic", "--num-draft-tokens", "6", "--depth", "3", "--topk", "2"]])
+                                   ["--draft", "dynamic", "--num-draft-tokens", "6", "--depth", "3", "--draft-topk", "2"]])
 def test_generate_json_figures_are_consistent_and_lossless(tiny, draft):
     args = ("generate", "class Point:", "--model", tiny, "--max-new-tokens", 16, "--ignore-eos")
     plain = run_json(*args, "--draft", "none")
@@ -228,13 +177,13 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
     assert plain["stats"]["tau"] == 1.0
     for config in report["configs"]:
         stats = config["stats"]
-        check_stats(stats, draft_steps_expected=config["draft"] != "none", prefills=2)
+        check_stats(stats, drafted=config["draft"] != "none", prefills=2)
         assert len(config["per_prompt"]) == 2
         assert [p["new_tokens"] for p in config["per_prompt"]] == [8, 8]  # ignore-eos by default
         assert stats["new_tokens"] == sum(p["new_tokens"] for p in config["per_prompt"])
         assert stats["steps"] == sum(p["steps"] for p in config["per_prompt"])
         for p in config["per_prompt"]:
-            check_stats(p, draft_steps_expected=config["draft"] != "none")
+            check_stats(p, drafted=config["draft"] != "none")
         assert config["tokens_per_second"] == pytest.approx(16 / config["wall_s"])
         assert config["speedup"] == pytest.approx(config["tokens_per_second"] / plain["tokens_per_second"])
         assert config["bound_free_drafting"] == stats["tau"]
@@ -306,7 +255,7 @@ def test_bench_sampling_and_tree_sweep(tiny, tmp_path):
     assert [c["name"] for c in report["configs"]] == ["plain", "tree 2,1", "tree 3 nodes"]
     for config in report["configs"]:
         assert config["matches_plain"] is None  # only greedy runs are compared token for token
-        check_stats(config["stats"], draft_steps_expected=config["draft"] != "none", prefills=2)
+        check_stats(config["stats"], drafted=config["draft"] != "none", prefills=2)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -455,3 +404,137 @@ def test_installed_console_script(tiny):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 
+
+
+# ---------------------------------------------------------------------------------------------- what a newcomer meets
+
+def test_stop_reads_the_usual_escapes():
+    from mtp_runtime.cli.common import unescape_stop
+
+    assert unescape_stop(r"\n\n") == "\n\n" and unescape_stop(r"a\tb\r") == "a\tb\r"
+    assert unescape_stop(r"\\n") == "\\n" and unescape_stop(r"\x") == r"\x" and unescape_stop("\\") == "\\"
+
+
+def test_stop_newline_fires_on_the_shipped_model():
+    args = ("generate", "def fibonacci(n):", "--max-new-tokens", 24, "--ignore-eos", "--threads", 1)
+    text = run_json(*args)["text"]
+    assert "\n" in text
+    stopped = run_json(*args[:-3], "--stop", r"\n", "--threads", 1)  # what a shell passes for "\n"
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.index("\n")]
+
+
+def test_several_prompts_run_as_one_batch(tiny, tmp_path):
+    args = ("--model", tiny, "--max-new-tokens", 6, "--ignore-eos", "--draft", "chain")
+    alone = [run_json("generate", p, *args) for p in ("import os", "for i in")]
+    both = run("generate", "import os", "for i in", *args, "--json")
+    assert both.exit_code == 0, both.output
+    lines = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [r["token_ids"] for r in lines] == [r["token_ids"] for r in alone]
+    assert [r["prompt_token_ids"] for r in lines] == [r["prompt_token_ids"] for r in alone]
+    file = tmp_path / "prompts.txt"
+    file.write_text("import os\n\nfor i in\n", encoding="utf-8")
+    from_file = run("generate", "--prompts", file, *args, "--json")
+    assert [json.loads(line)["token_ids"] for line in from_file.stdout.splitlines()] == [r["token_ids"] for r in alone]
+    text = run("generate", "import os", "for i in", *args, "--stats")
+    assert text.exit_code == 0 and text.stdout.count("==> prompt ") == 2 and text.stderr.count("==> prompt ") == 2
+    assert_one_line_error(run("generate", "x", "--prompts", file, *args), exit_code=2)
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"mtp-runtime, version {mtp_runtime.__version__}"
+
+
+@pytest.mark.parametrize("command, args, fragment", [
+    ("generate", ["", "--model", "{tiny}"], "empty"),
+    ("generate", ["x", "--model", "{tiny}", "--num-draft-tokens", "20"], "num_draft_tokens"),  # auto's chain: <= 16
+    ("generate", ["x", "--model", "{tiny}", "--draft", "none", "--depth", "2"], "depth"),
+    ("generate", ["x", "--model", "{tiny}", "--stop", ""], "stop"),
+    ("generate", ["x", "--model", "{tiny}", "--top-p", "0.5"], "top_p"),
+    ("generate", ["x", "--model", "{tiny}", "--device", "tpu9"], "tpu9"),
+    ("generate", ["x", "--model", "{tiny}", "--threads", "0"], "threads"),
+    ("generate", ["x", "--model", "{tiny}", "--seed", "-1"], "seed"),
+    ("generate", ["x", "--model", "{tiny}", "--dtype", "fp8"], "dtype"),
+    ("bench", ["--model", "{tiny}", "--plot", "x.nosuchfmt"], "nosuchfmt"),
+    ("bench", ["--model", "{tiny}", "--draft-topk", "2"], "--draft-topk"),
+    ("bench", ["--model", "{tiny}", "--max-new-tokens", "0"], "max_new_tokens"),
+    ("bench", ["--model", "{tiny}", "--prompts", "{missing}"], "missing.txt"),
+])
+def test_every_check_runs_before_the_model_loads(tiny, tmp_path, monkeypatch, command, args, fragment):
+    from mtp_runtime.cli import bench as bench_command, generate as generate_command
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(generate_command, "load_runtime", no_load)
+    monkeypatch.setattr(bench_command, "load_runtime", no_load)
+    args = [a.format(tiny=tiny, missing=tmp_path / "missing.txt") for a in args]
+    assert_one_line_error(run(command, *args), fragment)
+
+
+def test_stats_read_right_for_plain_decoding_and_trees(tiny):
+    plain = run("generate", "x", "--model", tiny, "--max-new-tokens", 8, "--draft", "none", "--stats")
+    assert plain.exit_code == 0, plain.output
+    assert "plain decoding steps" in plain.stderr and "nothing drafted" in plain.stderr
+    assert "tau" not in plain.stderr and "drafted (bonus" not in plain.stderr and "acceptance" not in plain.stderr
+    tree = run("generate", "x", "--model", tiny, "--max-new-tokens", 12, "--tree", "2,2,1", "--stats")
+    acceptance = next(line for line in tree.stderr.splitlines() if line.startswith("acceptance"))
+    assert re.search(r"d1 \d\.\d\d \(n=\d+\)", acceptance) and "(n=" in acceptance.split("d2", 1)[1]
+
+
+def test_draft_options_have_one_help_text_in_generate_and_bench():
+    from mtp_runtime.cli.common import DEPTH_HELP, DRAFT_TOPK_HELP, NUM_DRAFT_TOKENS_HELP
+
+    for command in ("generate", "bench"):
+        text = " ".join(run(command, "--help").stdout.split())
+        for help_text in (DRAFT_TOPK_HELP, DEPTH_HELP, NUM_DRAFT_TOKENS_HELP):
+            assert " ".join(help_text.split()) in text, (command, help_text)
+        assert "--draft-topk" in text and "--topk " not in text
+    assert "--full" in " ".join(run("bench", "--help").stdout.split())
+
+
+def test_bench_default_is_quick_and_full_is_one_flag_away(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [c["name"] for c in report["configs"]] == ["plain", "auto k<=4", "chain k=1"]
+    assert report["max_new_tokens"] == 64 and report["machine"]["compiled"] is False
+    plain, auto, chain = report["configs"]
+    assert set(plain) & {"num_draft_tokens", "tree", "depth", "draft_topk"} == set()  # no knobs that do not apply
+    assert auto["num_draft_tokens"] == 4 and chain["num_draft_tokens"] == 1 and "depth" not in chain
+    # the progress bar (on by default) ends its own line: the last line is the file's alone
+    assert result.stderr.split("\n")[-2] == f"figures written to {out}", result.stderr[-300:]
+    full = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--full", "--no-compile",
+               "--max-new-tokens", 4, "--json", out, "--no-progress")
+    assert full.exit_code == 0, full.output
+    configs = json.loads(out.read_text())["configs"]
+    assert [c["name"] for c in configs] == ["plain", "auto k<=4", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    assert {k: configs[-1][k] for k in ("num_draft_tokens", "depth", "draft_topk")} == {
+        "num_draft_tokens": 8, "depth": 4, "draft_topk": 4}
+    assert configs[3]["tree"] == "3,2,1"
+
+
+def test_plot_format_is_checked_by_its_suffix(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mtp_runtime.bench.plot import check_plot_path
+
+    for name in ("a.png", "a.PDF", "a.svg", "no_suffix"):
+        check_plot_path(tmp_path / name)
+    with pytest.raises(MTPRuntimeError, match=r"cannot write \.nosuchfmt files; use one of .*\.png"):
+        check_plot_path(tmp_path / "a.nosuchfmt")
+
+
+def test_config_without_mtp_modules_is_the_contract(tiny, tmp_path):
+    """num_nextn_predict_layers 0 while the weights hold 2 MTP layers: no modules, a one-line warning, no drafts."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+    out = run("generate", "x", "--model", folder, "--max-new-tokens", 3, "--json")
+    assert out.exit_code == 0 and json.loads(out.stdout)["draft"] == "none"
+    warnings = out.stderr.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "model.layers.2..3 ignored" in warnings[0]
+    assert_one_line_error(run("generate", "x", "--model", folder, "--draft", "chain"), "no MTP modules")
+    assert run_json("info", folder)["mtp_depth"] == 0

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import mtp_runtime
+from helpers import shipped_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def shipped_model() -> Path:
-    """The shipped default model."""
-    return mtp_runtime.DEFAULT_MODEL
-
-
 
 
 def run_example(name: str, *args) -> subprocess.CompletedProcess:

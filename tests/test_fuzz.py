@@ -1,4 +1,5 @@
-"""Fuzzing the loaders: malformed safetensors files, shard indexes and config.json files.
+"""Fuzzing the loaders (malformed safetensors files, shard indexes and config.json files) and the arguments of
+generate() and load() (values of every type).
 
 Every outcome must be a success or a clean typed error: ConfigError or CheckpointError whose first line names
 the file (or folder) at fault; a ConfigError is one line. Never a raw KeyError, TypeError, struct.error,
@@ -22,10 +23,11 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+import mtp_runtime
 from builders import build_model
 from mtp_runtime.checkpoint import CheckpointFiles, load_state_dict, quantize_fp8, save_checkpoint
 from mtp_runtime.config import ModelConfig
-from mtp_runtime.errors import CheckpointError, ConfigError
+from mtp_runtime.errors import CheckpointError, ConfigError, MTPRuntimeError
 from mtp_runtime.runtime import Runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -507,3 +509,71 @@ def test_regression(base, tmp_path, case):
         with pytest.raises(error, match=None) as info:
             Runtime.from_folder(folder, device="cpu")
         assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------- generate() and load() arguments
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 600),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(-2.0, 2.0), st.text(max_size=6),
+    st.sampled_from(["auto", "chain", "tree", "dynamic", "none", "3,2,1", "[[0],[1]]", "exact", "typical", "cpu"]),
+    st.binary(max_size=6), st.lists(st.integers(-3, 400), max_size=4),
+    st.lists(st.lists(st.integers(-1, 400), max_size=3), max_size=3), st.lists(st.text(max_size=3), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.just(object()), st.just(1 + 2j),
+    st.just(torch.tensor([1.5])), st.just(torch.tensor([[1, 2]])),
+)
+"""Values of every kind: of the right type (in range or not), and of every wrong one."""
+GENERATE_ARGUMENTS = {
+    "prompt": ("prompt",), "input_ids": ("input_ids", "token id"), "max_new_tokens": ("max_new_tokens",),
+    "temperature": ("temperature",), "top_k": ("top_k",), "top_p": ("top_p",), "seed": ("seed",),
+    "draft": ("draft",), "num_draft_tokens": ("num_draft_tokens",), "tree": ("tree",), "depth": ("depth",),
+    "draft_topk": ("draft_topk",), "topk": ("topk",), "eos_token_id": ("eos_token_id",),
+    "ignore_eos": ("ignore_eos",), "stop": ("stop",), "acceptance": ("acceptance",), "stream": ("stream",),
+}
+"""generate()'s arguments, each with the words an error about it must contain."""
+LOAD_ARGUMENTS = {"device": ("device",), "dtype": ("dtype",), "threads": ("threads",), "attention": ("attention",),
+                  "compile": ("compile",), "path": ("path", "model folder", "config.json")}
+ARGUMENTS = settings(max_examples=400, deadline=None, derandomize=True)
+
+
+def _one_line_naming(exc: MTPRuntimeError, words: tuple[str, ...]) -> None:
+    message = str(exc)
+    assert "\n" not in message and any(word in message for word in words), (type(exc).__name__, message)
+
+
+@ARGUMENTS
+@given(st.sampled_from(sorted(GENERATE_ARGUMENTS)), ANY_VALUE)
+def test_generate_argument_of_any_type_runs_or_is_a_typed_error_naming_it(tiny_runtime, name, value):
+    """Every value of every generate() argument either runs or raises an MTPRuntimeError naming the argument on
+    one line; never a TypeError/ValueError/RuntimeError from torch, the tokenizer or numpy."""
+    kwargs = {"max_new_tokens": 3, "stream": True, name: value}
+    if name != "prompt":
+        kwargs.setdefault("input_ids", [1, 2, 3])
+    try:
+        out = tiny_runtime.generate(**kwargs)
+        if isinstance(out, mtp_runtime.GenerationStream):
+            next(iter(out), None)  # the prefill: capacity and memory are checked there
+    except MTPRuntimeError as exc:
+        event(type(exc).__name__)
+        _one_line_naming(exc, GENERATE_ARGUMENTS[name])
+    else:
+        event("ran")
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(st.sampled_from(sorted(LOAD_ARGUMENTS)), ANY_VALUE)
+def test_load_argument_of_any_type_loads_or_is_a_typed_error_naming_it(tiny, name, value):
+    kwargs = {"path": tiny, "device": "cpu", name: value}
+    path = kwargs.pop("path")
+    try:
+        mtp_runtime.load(path, **kwargs)
+    except MTPRuntimeError as exc:
+        event(type(exc).__name__)
+        _one_line_naming(exc, LOAD_ARGUMENTS[name])
+    else:
+        event("loaded")
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime(tiny):
+    return mtp_runtime.load(tiny)

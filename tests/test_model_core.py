@@ -1,5 +1,6 @@
 """The model core: absorbed vs expanded MLA, incremental decoding through the latent cache, the cache length
-contract, and MTP modules against a naive hand-written reference of the DESIGN.md formula."""
+contract, and MTP modules against a naive hand-written reference of the formula in docs/architecture.md
+("MTP layout")."""
 
 from __future__ import annotations
 
@@ -16,10 +17,7 @@ ATTN_ATOL = 1e-5
 LOGITS_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")

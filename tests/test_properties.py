@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis): the DESIGN.md invariants on random trees, acceptances, commits and batches.
+"""Property-based tests (hypothesis): the invariants of docs/architecture.md on random trees, acceptances, commits
+and batches.
 
 Trees here are random parent arrays (any topology, a different one per batch row), not only the static shapes
 of test_tree.py; targets are random or derived from a random "language model" (a function of the context), so
@@ -393,7 +394,7 @@ drafts = st.one_of(
     st.builds(lambda spec: dict(draft="tree", tree=spec), st.sampled_from(["2", "2,1", "3,2,1", "1,2,1", "2,2,2"])),
     st.builds(lambda paths: dict(draft="tree", tree=paths),
               st.sampled_from([[[0], [1], [0, 0], [1, 0], [0, 0, 0]], [[0], [0, 0], [0, 1], [0, 0, 0]]])),
-    st.builds(lambda k, d: dict(draft="dynamic", num_draft_tokens=k, depth=d, topk=2), st.integers(2, 6),
+    st.builds(lambda k, d: dict(draft="dynamic", num_draft_tokens=k, depth=d, draft_topk=2), st.integers(2, 6),
               st.integers(1, 4)),
 )
 

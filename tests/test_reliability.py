@@ -1,7 +1,8 @@
-"""Bad input through the CLI (one line, exit 1, no traceback) and the API (a typed MTPRuntimeError), NaN/Inf
-detection, real Ctrl-C while streaming, threads sharing one runtime, and no state kept between calls.
+"""Bad input through the CLI (one line, exit 1 (2 for a malformed command line), no traceback) and the API (a
+typed MTPRuntimeError naming the argument), NaN/Inf detection, real Ctrl-C while streaming, threads sharing one
+runtime, and no state kept between calls.
 
-`python tests/test_reliability.py` prints the table of bad inputs and what each produced (RELIABILITY.md).
+`python tests/test_reliability.py` prints the tables of bad inputs and what each produced (RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,21 +28,39 @@ from safetensors.torch import load_file, save_file
 
 import mtp_runtime
 from builders import build_mostly_right
+from helpers import make_tiny
 from mtp_runtime import engine as engine_module
 from mtp_runtime.cli import main
 from mtp_runtime.errors import (
-    CacheCapacityError, CheckpointError, ConfigError, DeviceError, GenerationSettingsError, MTPRuntimeError,
-    NoMTPModulesError, NumericalError, TokenizerError,
+    CacheCapacityError, CheckpointError, ConfigError, DeviceError, GenerationSettingsError, InsufficientMemoryError,
+    MTPRuntimeError, NoMTPModulesError, NumericalError, TokenizerError, TrainingSettingsError,
 )
 from mtp_runtime.model.flash import flash_attn_func
-from mtp_runtime.train.corpus import train_tokenizer
+
 
 @dataclass
 class BadInput:
-    """One bad input: `make(tiny, tmp)` prepares it and returns the CLI arguments after `generate`."""
+    """One bad input to a command: `make(tiny, tmp)` prepares it and returns the arguments after the command."""
 
     name: str
     make: Callable[[Path, Path], list[str]]
+    error: type[MTPRuntimeError] | None
+    """What the API raises for it (under --debug, the CLI re-raises it); None: click refuses the command line
+    itself (exit 2), before any of our code runs."""
+    fragment: str
+    command: str = "generate"
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.error is None else 1
+
+
+@dataclass
+class BadCall:
+    """One bad argument to the Python API: `call(runtime, tiny)` makes the call."""
+
+    name: str
+    call: Callable[[mtp_runtime.Runtime, Path], object]
     error: type[MTPRuntimeError]
     fragment: str
 
@@ -51,13 +71,13 @@ def _copy(tiny: Path, tmp: Path) -> Path:
     return folder
 
 
-def _edit_config(edit: Callable[[dict], None]):
+def _edit_config(edit: Callable[[dict], None], *args):
     def make(tiny, tmp):
         folder = _copy(tiny, tmp)
         config = json.loads((folder / "config.json").read_text())
         edit(config)
         (folder / "config.json").write_text(json.dumps(config))
-        return ["x", "--model", folder]
+        return ["x", "--model", folder, *args]
     return make
 
 
@@ -117,7 +137,37 @@ def _args(*args):
     return lambda tiny, tmp: ["x", "--model", tiny, *args]
 
 
+def _bench(*args):
+    return lambda tiny, tmp: ["--no-compile", "--model", tiny, "--no-progress", *args]
+
+
+def _prompts_file(content: bytes, *args):
+    def make(tiny, tmp):
+        file = tmp / "prompts.jsonl"
+        file.write_bytes(content)
+        return ["--no-compile", "--model", tiny, "--no-progress", "--prompts", file, *args]
+    return make
+
+
+def _train(*args):
+    """train arguments that must fail before any data is prepared (a tiny corpus, in case one is not refused)."""
+    def make(tiny, tmp):
+        corpus = tmp / "corpus"
+        corpus.mkdir(exist_ok=True)
+        (corpus / "a.py").write_text("x = 1\n", encoding="utf-8")
+        return [corpus, "--out", tmp / "run", *args]
+    return make
+
+
+def _train_out_is_a_file(tiny, tmp):
+    (tmp / "file").write_text("")
+    return [tmp / "corpus-absent", "--out", tmp / "file"]
+
+
+HUGE_POSITIONS = 10**9
+
 BAD_INPUTS = [
+    # the model folder
     BadInput("model folder missing", lambda tiny, tmp: ["x", "--model", tmp / "absent"], ConfigError,
              "does not exist"),
     BadInput("model path is a file", lambda tiny, tmp: ["x", "--model", tiny / "config.json"], ConfigError,
@@ -129,6 +179,14 @@ BAD_INPUTS = [
     BadInput("required field missing", _edit_config(lambda c: c.pop("hidden_size")), ConfigError, "hidden_size"),
     BadInput("field of the wrong type", _edit_config(lambda c: c.update(num_attention_heads="four")), ConfigError,
              "num_attention_heads"),
+    BadInput("config eos_token_id outside the vocabulary", _edit_config(lambda c: c.update(eos_token_id=10**6)),
+             ConfigError, "eos_token_id"),
+    BadInput("config promises more MTP modules than the weights hold",
+             _edit_config(lambda c: c.update(num_nextn_predict_layers=1000)), CheckpointError,
+             "num_nextn_predict_layers"),
+    BadInput("config promises no MTP modules, --draft chain",
+             _edit_config(lambda c: c.update(num_nextn_predict_layers=0), "--draft", "chain"), NoMTPModulesError,
+             "no MTP modules"),
     BadInput("no safetensors files", _edit_weights(lambda p: p.unlink()), CheckpointError, "safetensors"),
     BadInput("truncated safetensors", _edit_weights(lambda p: p.write_bytes(p.read_bytes()[:-100])),
              CheckpointError, "model.safetensors"),
@@ -146,19 +204,82 @@ BAD_INPUTS = [
              CheckpointError, "model.norm.weight"),
     BadInput("drafting without MTP modules", _no_mtp, NoMTPModulesError, "train --mtp-only"),
     BadInput("text prompt without tokenizer", _no_tokenizer, TokenizerError, "tokenizer"),
+    BadInput("tokenizer.json is not JSON", _write("tokenizer.json", "{not json"), TokenizerError, "not valid JSON"),
+    BadInput("tokenizer.json is JSON but not a tokenizer", _write("tokenizer.json", '{"hello": 1}'), TokenizerError,
+             "not a tokenizer"),
+    BadInput("NaN/Inf in the weights", _infinite_weight, NumericalError, "model.layers.1.self_attn"),
+    BadInput("cache larger than the free memory (10^9 positions, max_new_tokens ~10^9)",
+             _edit_config(lambda c: c.update(max_position_embeddings=HUGE_POSITIONS), "--max-new-tokens",
+                          str(HUGE_POSITIONS - 10)), InsufficientMemoryError, "free"),
+    # the prompt and the generation settings
     BadInput("empty prompt", lambda tiny, tmp: ["", "--model", tiny], GenerationSettingsError, "empty"),
+    BadInput("prompt of invalid UTF-8 (argv)", lambda tiny, tmp: ["abc\udcff", "--model", tiny],
+             GenerationSettingsError, "prompt"),
+    BadInput("--stop of invalid UTF-8", _args("--stop", "\udcfe"), GenerationSettingsError, "stop"),
     BadInput("prompt + max_new_tokens over the positions", _args("--max-new-tokens", "600"), CacheCapacityError,
              "512 positions"),
     BadInput("negative temperature", _args("--temperature", "-0.5"), GenerationSettingsError, "temperature"),
-    BadInput("top-p outside (0, 1]", _args("--top-p", "1.5"), GenerationSettingsError, "top_p"),
-    BadInput("top-k < 0", _args("--top-k", "-1"), GenerationSettingsError, "top_k"),
+    BadInput("NaN temperature", _args("--temperature", "nan"), GenerationSettingsError, "temperature"),
+    BadInput("top-p outside (0, 1]", _args("--top-p", "1.5", "--temperature", "1"), GenerationSettingsError,
+             "top_p"),
+    BadInput("top-k < 0", _args("--top-k", "-1", "--temperature", "1"), GenerationSettingsError, "top_k"),
+    BadInput("top-k with greedy decoding", _args("--top-k", "5"), GenerationSettingsError, "top_k"),
+    BadInput("seed outside torch's range", _args("--seed", str(2**64)), GenerationSettingsError, "seed"),
     BadInput("max_new_tokens <= 0", _args("--max-new-tokens", "0"), GenerationSettingsError, "max_new_tokens"),
+    BadInput("max-new-tokens not an integer", _args("--max-new-tokens", "ten"), None, "--max-new-tokens"),
     BadInput("unknown draft mode", _args("--draft", "sideways"), GenerationSettingsError, "draft"),
     BadInput("malformed tree spec", _args("--tree", "3,,x"), GenerationSettingsError, "tree"),
+    BadInput("tree JSON nested 100,000 deep", _args("--tree", "[" * 100_000), GenerationSettingsError, "tree"),
     BadInput("num_draft_tokens out of range", _args("--draft", "chain", "--num-draft-tokens", "99"),
              GenerationSettingsError, "num_draft_tokens"),
+    BadInput("num_draft_tokens with --draft none", _args("--draft", "none", "--num-draft-tokens", "3"),
+             GenerationSettingsError, "num_draft_tokens"),
+    BadInput("num_draft_tokens with a static tree", _args("--tree", "3,2,1", "--num-draft-tokens", "3"),
+             GenerationSettingsError, "num_draft_tokens"),
+    BadInput("depth with a chain", _args("--draft", "chain", "--depth", "3"), GenerationSettingsError, "depth"),
+    BadInput("draft-topk with auto", _args("--draft-topk", "2"), GenerationSettingsError, "draft_topk"),
+    BadInput("the old --topk", _args("--topk", "2"), None, "--draft-topk"),
+    # the machine
     BadInput("unsupported dtype", _args("--dtype", "int8"), DeviceError, "dtype"),
-    BadInput("NaN/Inf in the weights", _infinite_weight, NumericalError, "model.layers.1.self_attn"),
+    BadInput("--device tpu9", _args("--device", "tpu9"), DeviceError, "tpu9"),
+    BadInput("--device meta", _args("--device", "meta"), DeviceError, "meta"),
+    BadInput("--threads absurdly large", _args("--threads", "100000"), GenerationSettingsError, "threads"),
+    BadInput("--threads 0", _args("--threads", "0"), GenerationSettingsError, "threads"),
+    # bench
+    BadInput("bench --plot in an unknown format", _bench("--plot", "out.nosuchfmt"), MTPRuntimeError, "nosuchfmt",
+             "bench"),
+    BadInput("bench --num-draft-tokens ',,'", _bench("--num-draft-tokens", ",,"), GenerationSettingsError,
+             "--num-draft-tokens", "bench"),
+    BadInput("bench --num-draft-tokens for tree only", _bench("--draft", "tree", "--num-draft-tokens", "2"),
+             GenerationSettingsError, "--num-draft-tokens", "bench"),
+    BadInput("bench --depth without dynamic", _bench("--depth", "3"), GenerationSettingsError, "--depth", "bench"),
+    BadInput("bench --num-prompts 0", _bench("--num-prompts", "0"), GenerationSettingsError, "--num-prompts",
+             "bench"),
+    BadInput("bench prompts file with a lone surrogate", _prompts_file(b'{"prompt": "a\\ud800b"}\n'),
+             MTPRuntimeError, "prompt", "bench"),
+    BadInput("bench prompts file of invalid UTF-8", _prompts_file(b'{"prompt": "a\xffb"}\n'), MTPRuntimeError,
+             "prompts.jsonl", "bench"),
+    # train (every one refused before any data is prepared)
+    BadInput("train --out naming a file", _train_out_is_a_file, TrainingSettingsError, "--out", "train"),
+    BadInput("train --batch-size 0", _train("--batch-size", "0"), TrainingSettingsError, "--batch-size", "train"),
+    BadInput("train --lr nan", _train("--lr", "nan"), TrainingSettingsError, "--lr", "train"),
+    BadInput("train --steps 0", _train("--steps", "0"), TrainingSettingsError, "--steps", "train"),
+    BadInput("train --eval-every 0", _train("--eval-every", "0"), TrainingSettingsError, "--eval-every", "train"),
+    BadInput("train --max-minutes -1", _train("--max-minutes", "-1"), TrainingSettingsError, "--max-minutes",
+             "train"),
+    BadInput("train --vocab-size 10", _train("--vocab-size", "10"), TrainingSettingsError, "--vocab-size", "train"),
+    BadInput("train --arch nonsense=3", _train("--arch", "nonsense=3"), TrainingSettingsError, "nonsense", "train"),
+    BadInput("train --arch vocab_size=5", _train("--arch", "vocab_size=5"), TrainingSettingsError, "--vocab-size",
+             "train"),
+    BadInput("train --init without --mtp-only", lambda tiny, tmp: [*_train()(tiny, tmp), "--init", tiny],
+             TrainingSettingsError, "--mtp-only", "train"),
+    BadInput("train --vocab-size with --init", lambda tiny, tmp: [*_train("--mtp-only", "--vocab-size", "300")(
+        tiny, tmp), "--init", tiny], TrainingSettingsError, "--vocab-size", "train"),
+    BadInput("train --continuation-prompt without --continuations", _train("--continuation-prompt", "8"),
+             TrainingSettingsError, "--continuation-prompt", "train"),
+    BadInput("train --threads absurdly large", _train("--threads", "100000"), GenerationSettingsError, "threads",
+             "train"),
+    BadInput("train --device tpu9", _train("--device", "tpu9"), DeviceError, "tpu9", "train"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(BadInput("--device cuda without CUDA", _args("--device", "cuda"), DeviceError, "CUDA"))
@@ -167,41 +288,117 @@ if flash_attn_func is None:
                                "flash-attn"))
 
 
+def _generate(**kwargs):
+    kwargs.setdefault("max_new_tokens", 4)
+    if "prompt" not in kwargs:
+        kwargs.setdefault("input_ids", [1, 2, 3])
+    return lambda rt, tiny: rt.generate(**kwargs)
+
+
+BAD_CALLS = [
+    BadCall("temperature a string", _generate(temperature="hot"), GenerationSettingsError, "temperature"),
+    BadCall("temperature None", _generate(temperature=None), GenerationSettingsError, "temperature"),
+    BadCall("temperature=True", _generate(temperature=True), GenerationSettingsError, "temperature"),
+    BadCall("top_p a string", _generate(temperature=1.0, top_p="0.9"), GenerationSettingsError, "top_p"),
+    BadCall("top_p None", _generate(top_p=None), GenerationSettingsError, "top_p"),
+    BadCall("top_k a float", _generate(temperature=1.0, top_k=2.5), GenerationSettingsError, "top_k"),
+    BadCall("top_k with greedy decoding", _generate(top_k=5), GenerationSettingsError, "top_k"),
+    BadCall("top_p with greedy decoding", _generate(top_p=0.5), GenerationSettingsError, "top_p"),
+    BadCall("seed a string", _generate(seed="1"), GenerationSettingsError, "seed"),
+    BadCall("seed = 2**64", _generate(seed=2**64), GenerationSettingsError, "seed"),
+    BadCall("seed < 0", _generate(seed=-1), GenerationSettingsError, "seed"),
+    BadCall("max_new_tokens a string", _generate(max_new_tokens="5"), GenerationSettingsError, "max_new_tokens"),
+    BadCall("max_new_tokens a float", _generate(max_new_tokens=5.0), GenerationSettingsError, "max_new_tokens"),
+    BadCall("stop an int", _generate(stop=5), GenerationSettingsError, "stop"),
+    BadCall("stop an empty string", _generate(stop=[""]), GenerationSettingsError, "stop"),
+    BadCall("stop with a lone surrogate", _generate(stop="\ud800"), GenerationSettingsError, "stop"),
+    BadCall("eos_token_id a string", _generate(eos_token_id="x"), GenerationSettingsError, "eos_token_id"),
+    BadCall("eos_token_id outside the vocabulary", _generate(eos_token_id=10**6), GenerationSettingsError,
+            "eos_token_id"),
+    BadCall("eos_token_id with ignore_eos=True", _generate(eos_token_id=1, ignore_eos=True),
+            GenerationSettingsError, "eos_token_id"),
+    BadCall("ignore_eos a string", _generate(ignore_eos="yes"), GenerationSettingsError, "ignore_eos"),
+    BadCall("stream an int", _generate(stream=1), GenerationSettingsError, "stream"),
+    BadCall("acceptance an int", _generate(acceptance=1), GenerationSettingsError, "acceptance"),
+    BadCall("prompt an int", _generate(prompt=5), GenerationSettingsError, "prompt"),
+    BadCall("prompt bytes", _generate(prompt=b"def f():"), GenerationSettingsError, "prompt"),
+    BadCall("a batch holding a non-str prompt", _generate(prompt=["a = 1", 5]), GenerationSettingsError, "prompt"),
+    BadCall("prompt with a lone surrogate", _generate(prompt="abc\ud800"), GenerationSettingsError, "prompt"),
+    BadCall("prompt and input_ids", _generate(prompt="a", input_ids=[1]), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids of floats", _generate(input_ids=[1.5, 2]), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids of bools", _generate(input_ids=[True, 2]), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids nested too deeply", _generate(input_ids=[[1, 2], [[3]]]), GenerationSettingsError,
+            "input_ids"),
+    BadCall("input_ids mixing ids and lists", _generate(input_ids=[1, [2]]), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids a string", _generate(input_ids="1 2 3"), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids empty", _generate(input_ids=[]), GenerationSettingsError, "input_ids"),
+    BadCall("input_ids a float tensor", _generate(input_ids=torch.tensor([1.0, 2.0])), GenerationSettingsError,
+            "input_ids"),
+    BadCall("input_ids a 3-D array", _generate(input_ids=np.zeros((1, 1, 2), dtype=np.int64)),
+            GenerationSettingsError, "input_ids"),
+    BadCall("token id outside the vocabulary", _generate(input_ids=[1, 10**6]), GenerationSettingsError,
+            "input_ids"),
+    BadCall("draft an int", _generate(draft=3), GenerationSettingsError, "draft"),
+    BadCall("num_draft_tokens a float", _generate(draft="chain", num_draft_tokens=2.0), GenerationSettingsError,
+            "num_draft_tokens"),
+    BadCall("num_draft_tokens with draft='none'", _generate(draft="none", num_draft_tokens=3),
+            GenerationSettingsError, "num_draft_tokens"),
+    BadCall("depth with a chain", _generate(draft="chain", depth=3), GenerationSettingsError, "depth"),
+    BadCall("num_draft_tokens with a static tree", _generate(tree="3,2,1", num_draft_tokens=3),
+            GenerationSettingsError, "num_draft_tokens"),
+    BadCall("draft_topk with auto", _generate(draft="auto", draft_topk=2), GenerationSettingsError, "draft_topk"),
+    BadCall("topk and draft_topk both", _generate(draft="dynamic", topk=2, draft_topk=2), GenerationSettingsError,
+            "topk"),
+    BadCall("tree an int", _generate(tree=5), GenerationSettingsError, "tree"),
+    BadCall("tree JSON nested 100,000 deep", _generate(tree="[" * 100_000), GenerationSettingsError, "tree"),
+    BadCall("encode(5)", lambda rt, tiny: rt.encode(5), GenerationSettingsError, "text"),
+    BadCall("decode of floats", lambda rt, tiny: rt.decode([1.5]), GenerationSettingsError, "token_ids"),
+    BadCall("logits of ragged rows", lambda rt, tiny: rt.logits([[1, 2], [3]]), GenerationSettingsError, "logits"),
+    BadCall("load(path=5)", lambda rt, tiny: mtp_runtime.load(5), ConfigError, "path"),
+    BadCall("load(compile='yes')", lambda rt, tiny: mtp_runtime.load(tiny, compile="yes"), GenerationSettingsError,
+            "compile"),
+    BadCall("load(threads=True)", lambda rt, tiny: mtp_runtime.load(tiny, threads=True), GenerationSettingsError,
+            "threads"),
+    BadCall("load(threads=10**6)", lambda rt, tiny: mtp_runtime.load(tiny, threads=10**6), GenerationSettingsError,
+            "threads"),
+    BadCall("load(device='tpu9')", lambda rt, tiny: mtp_runtime.load(tiny, device="tpu9"), DeviceError, "tpu9"),
+    BadCall("load(device='meta')", lambda rt, tiny: mtp_runtime.load(tiny, device="meta"), DeviceError, "meta"),
+    BadCall("load(device=0.5)", lambda rt, tiny: mtp_runtime.load(tiny, device=0.5), DeviceError, "device"),
+    BadCall("load(dtype=5)", lambda rt, tiny: mtp_runtime.load(tiny, dtype=5), DeviceError, "dtype"),
+    BadCall("load(attention=None)", lambda rt, tiny: mtp_runtime.load(tiny, attention=None), DeviceError,
+            "attention"),
+]
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return _tiny(tmp_path_factory.mktemp("tiny"))
+def tiny_runtime(tiny) -> mtp_runtime.Runtime:
+    return mtp_runtime.load(tiny)
 
 
-def _tokenizer(folder: Path) -> int:
-    """A byte-level BPE tokenizer trained on a few lines of code; returns its vocabulary size."""
-    text = folder / "snippets.txt"
-    text.write_text("def add(a, b):\n    return a + b\n" * 8, encoding="utf-8")
-    size = train_tokenizer([text], 300, folder / "tokenizer.json").get_vocab_size()
-    text.unlink()
-    return size
-
-
-def _tiny(folder: Path) -> Path:
-    """A checkpoint (512 positions) with 2 mostly-right MTP modules and a tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = _tokenizer(folder)
-    return build_mostly_right(folder, vocab=vocab, num_mtp=2, seed=3)
-
-
-def run_cli(args: list) -> object:
-    return CliRunner().invoke(main, ["generate", *[str(a) for a in args]])
+def run_command(bad: BadInput, args: list, debug: bool = False):
+    return CliRunner().invoke(main, [*(["--debug"] if debug else []), bad.command, *[str(a) for a in args]],
+                              prog_name="mtp-runtime")
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.name for b in BAD_INPUTS])
 def test_bad_input_is_one_line_cli_error_and_typed_api_error(bad, tiny, tmp_path):
     args = bad.make(tiny, tmp_path)
-    result = run_cli(args)
+    result = run_command(bad, args)
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == bad.exit_code, result.output
     assert len(lines) == 1 and lines[0].startswith("error: ") and bad.fragment in lines[0], result.stderr
     assert "Traceback" not in result.output
-    debug = CliRunner().invoke(main, ["--debug", "generate", *[str(a) for a in args]])
-    assert type(debug.exception) is bad.error, repr(debug.exception)
+    if bad.error is not None:
+        debug = run_command(bad, args, debug=True)
+        assert type(debug.exception) is bad.error, repr(debug.exception)
+
+
+@pytest.mark.parametrize("bad", BAD_CALLS, ids=[b.name for b in BAD_CALLS])
+def test_bad_argument_is_a_typed_one_line_error_naming_it(bad, tiny_runtime, tiny):
+    with pytest.raises(MTPRuntimeError) as caught:
+        bad.call(tiny_runtime, tiny)
+    message = str(caught.value)
+    assert type(caught.value) is bad.error and bad.fragment in message and "\n" not in message, message
 
 
 def test_nan_in_an_mtp_module_names_it(tiny, tmp_path):
@@ -293,18 +490,37 @@ def test_ctrl_c_while_streaming_prints_the_text_so_far(tmp_path):
     assert b"Traceback" not in err and b"Aborted" not in err
 
 
+def _cell(text: str, tmp: Path) -> str:
+    return text.strip().replace(str(tmp), "<tmp>").replace("|", "\\|")
+
+
 def bad_input_table(tmp: Path) -> str:
     """Markdown: each bad input, the CLI's one-line error and exit code, and the API's exception class."""
-    tiny = _tiny(tmp / "tiny")
-    rows = ["| bad input | exit | CLI message (stderr) | API exception |", "|---|---|---|---|"]
+    tiny = make_tiny(tmp / "tiny")
+    rows = ["| bad input | command | exit | CLI message (stderr) | API exception |", "|---|---|---|---|---|"]
     for i, bad in enumerate(BAD_INPUTS):
         case = tmp / f"case{i}"
         case.mkdir()
         args = bad.make(tiny, case)
-        result = run_cli(args)
-        debug = CliRunner().invoke(main, ["--debug", "generate", *[str(a) for a in args]])
-        message = result.stderr.strip().replace(str(tmp), "<tmp>").replace("|", "\\|")
-        rows.append(f"| {bad.name} | {result.exit_code} | `{message}` | {type(debug.exception).__name__} |")
+        result = run_command(bad, args)
+        api = type(run_command(bad, args, debug=True).exception).__name__ if bad.error else "(click usage error)"
+        message = _cell(result.stderr, tmp)
+        rows.append(f"| {bad.name} | {bad.command} | {result.exit_code} | `{message}` | {api} |")
+    return "\n".join(rows)
+
+
+def bad_call_table(tmp: Path) -> str:
+    """Markdown: each bad API argument, the exception class and its message."""
+    tiny = make_tiny(tmp / "tiny-api")
+    runtime = mtp_runtime.load(tiny)
+    rows = ["| bad argument | exception | message |", "|---|---|---|"]
+    for bad in BAD_CALLS:
+        try:
+            bad.call(runtime, tiny)
+            outcome, message = "(none)", ""
+        except MTPRuntimeError as exc:
+            outcome, message = type(exc).__name__, str(exc)
+        rows.append(f"| {bad.name} | {outcome} | `{_cell(message, tmp)}` |")
     return "\n".join(rows)
 
 
@@ -314,3 +530,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         print(bad_input_table(Path(tmp)))
+        print()
+        print(bad_call_table(Path(tmp)))

@@ -85,14 +85,25 @@ def test_top_p_applies_after_temperature():
     torch.testing.assert_close(got, torch.tensor([1.0, 0.0, 0.0]))
 
 
-def test_greedy_is_the_one_hot_argmax_whatever_the_filters():
+def test_greedy_is_the_one_hot_argmax_and_refuses_filters():
     logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(1))
-    for params in (SamplingParams(), SamplingParams(temperature=0.0, top_k=3, top_p=0.2)):
-        assert params.greedy
-        probs = logits_to_probs(logits, params)
-        assert probs.shape == (2, 3, 11) and probs.dtype == torch.float32
-        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 11).float())
+    params = SamplingParams()
+    assert params.greedy
+    probs = logits_to_probs(logits, params)
+    assert probs.shape == (2, 3, 11) and probs.dtype == torch.float32
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 11).float())
     assert not SamplingParams(temperature=0.1).greedy
+    for filters, named in (({"top_k": 3}, "top_k=3"), ({"top_p": 0.2}, "top_p=0.2")):  # they would change nothing
+        with pytest.raises(GenerationSettingsError, match=f"{named} has no effect with greedy decoding"):
+            logits_to_probs(logits, SamplingParams(temperature=0.0, **filters))
+
+
+def test_a_tiny_temperature_is_the_greedy_limit():
+    """1e-300 overflows logits / T; the shifted computation gives the limit: a one-hot, ties split evenly."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 3.0, 2.999]])
+    for temperature in (1e-300, 5e-324, 1e-30, 1e-12):
+        probs = logits_to_probs(logits, SamplingParams(temperature=temperature))
+        assert probs.tolist() == [[0.0, 0.5, 0.0, 0.5, 0.0]]
 
 
 def test_greedy_ties_take_the_first_token():
@@ -104,7 +115,10 @@ def test_greedy_ties_take_the_first_token():
     ({"temperature": math.inf}, "temperature=inf"),
     ({"temperature": math.nan}, "temperature=nan"),
     ({"top_k": -1}, "top_k=-1"),
-    ({"top_k": 2.5}, "top_k=2.5"),
+    ({"top_k": 2.5}, "top_k must be an integer >= 0 .*, not float 2.5"),
+    ({"temperature": "hot"}, "temperature must be a number >= 0 .*, not str 'hot'"),
+    ({"temperature": True}, "temperature must be a number >= 0 .*, not bool True"),
+    ({"top_p": None}, "top_p must be a number in \\(0, 1\\] .*, not None"),
     ({"top_p": 0.0}, "top_p=0.0"),
     ({"top_p": 1.5}, "top_p=1.5"),
     ({"top_p": math.nan}, "top_p=nan"),
@@ -116,6 +130,13 @@ def test_validate_names_the_value_and_the_range(settings, named):
     assert any(bound in str(error.value) for bound in (">= 0", "(0, 1]"))
     with pytest.raises(GenerationSettingsError):
         logits_to_probs(torch.zeros(3), params)
+
+
+@pytest.mark.parametrize("seed, named", [(2**64, "seed=18446744073709551616 is invalid"), (-1, "seed=-1 is invalid"),
+                                         ("7", "seed must be an integer .*, not str '7'"), (1.0, "not float 1.0")])
+def test_seed_must_be_a_generator_seed(seed, named):
+    with pytest.raises(GenerationSettingsError, match=named):
+        SamplingParams(seed=seed).validate()
 
 
 def test_valid_settings_pass():

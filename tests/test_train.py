@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mtp_runtime
+from mtp_runtime.errors import MTPRuntimeError, TrainingSettingsError
 from mtp_runtime.train import corpus
 from mtp_runtime.train.objectives import window_losses
 from mtp_runtime.train.trainer import Trainer, TrainSettings
@@ -107,7 +108,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_mtp_only_distillation_keeps_the_trunk(micro_run, tmp_path):
     _, folder = micro_run
     settings = micro_settings(tmp_path, mtp_only=True, init=folder, distill=True, steps=6, eval_every=3,
-                              num_mtp=3)
+                              num_mtp=3, arch_overrides={})
     trainer = Trainer(settings)
     trunk_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("mtp.")}
     out = trainer.train()
@@ -206,9 +207,10 @@ def trunk_only(folder, dest):
 def test_distilling_on_continuations_raises_acceptance(micro_run, tmp_path):
     """Fresh MTP modules trained on the trunk's continuations accept more drafts than untrained ones."""
     _, folder = micro_run
-    base = micro_settings(tmp_path, out_dir=tmp_path / "a", mtp_only=True, init=trunk_only(folder, tmp_path / "trunk"), distill=True, num_mtp=1, mtp_depth=2,
-                          continuations=48, continuation_prompt=8, eval_every=100)
-    untrained = Trainer(dataclasses.replace(base, steps=0)).train()
+    base = micro_settings(tmp_path, out_dir=tmp_path / "a", mtp_only=True, init=trunk_only(folder, tmp_path / "trunk"),
+                          distill=True, num_mtp=1, mtp_depth=2, continuations=48, continuation_prompt=8,
+                          eval_every=100, arch_overrides={})
+    untrained = Trainer(base).export()  # the fresh modules, before any step
     trained = Trainer(dataclasses.replace(base, out_dir=tmp_path / "b", steps=40, lr=2e-2)).train()
     prompts = [[5, 17, 42, 9], [3, 8, 8, 120]]
 
@@ -219,3 +221,51 @@ def test_distilling_on_continuations_raises_acceptance(micro_run, tmp_path):
 
     before, after = accepted(untrained), accepted(trained)
     assert after > before + 0.3
+
+
+def test_exported_weights_have_the_permissions_of_the_other_files(micro_run):
+    _, folder = micro_run
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for name in ("model.safetensors", "tokenizer.json", "training.json"):
+        assert (folder / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_resuming_says_from_which_step(tmp_path, capsys):
+    Trainer(micro_settings(tmp_path, steps=4, eval_every=2, save_every=2)).train()
+    capsys.readouterr()
+    resumed = Trainer(micro_settings(tmp_path, steps=6, eval_every=2, save_every=2))
+    assert resumed.step == 4 and "resuming from step 4" in capsys.readouterr().out
+    with pytest.raises(TrainingSettingsError, match="already at step 4, past --steps 3"):
+        Trainer(micro_settings(tmp_path, steps=3))
+
+
+def test_max_minutes_counts_the_data_preparation(tmp_path, capsys):
+    """A budget used up by tokenizer training stops before any step, keeping what was prepared for the rerun."""
+    with pytest.raises(MTPRuntimeError, match=r"--max-minutes 1e-06 ran out while preparing the tokenizer"):
+        Trainer(micro_settings(tmp_path, max_minutes=1e-6))
+    assert "tokenizer: training a 300-token byte-level BPE" in capsys.readouterr().out
+    assert (tmp_path / "run" / "tokenizer.json").is_file()  # kept: the rerun starts from it
+    trainer = Trainer(micro_settings(tmp_path, steps=2, eval_every=2))
+    assert trainer.step == 0 and "data: encoding" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(steps=0), "--steps 0"), (dict(batch_size=0), "--batch-size 0"), (dict(lr=float("nan")), "--lr nan"),
+    (dict(lr=0.0), "--lr 0.0"), (dict(vocab_size=10), "--vocab-size 10 .* in 257.."),
+    (dict(eval_every=0), "--eval-every"), (dict(save_every=-1), "--save-every"), (dict(max_minutes=-1.0), "minutes"),
+    (dict(steps="5"), "--steps '5'"), (dict(num_mtp=0), "--num-mtp"), (dict(mtp_weight=float("inf")), "weight"),
+    (dict(arch_overrides={"nonsense": 3}), "nonsense"), (dict(arch_overrides={"vocab_size": 9}), "--vocab-size"),
+    (dict(arch_overrides={"num_nextn_predict_layers": 2}), "--num-mtp"),
+    (dict(mtp_only=True), "--mtp-only needs --init"), (dict(continuations=4), "--continuations needs --mtp-only"),
+])
+def test_settings_are_checked_before_anything_runs(tmp_path, overrides, named):
+    settings = micro_settings(tmp_path, **overrides)
+    with pytest.raises(TrainingSettingsError, match=named):
+        Trainer(settings)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrainingSettingsError, match="is a file"):
+        Trainer(micro_settings(tmp_path, out_dir=tmp_path / "file"))

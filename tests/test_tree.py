@@ -108,7 +108,9 @@ def test_size_limit_counts_drafted_nodes():
     (json.dumps([[0] * d for d in range(1, 18)]), "depth 17"),
     ("4,4,4,4,4", "1024"),
     ("1000,1000,1000", "1024"),
-    (3, "non-empty list"),
+    (3, "tree must be a spec string .*, not int 3"),
+    ("[" * 100_000, "nested too deeply"),
+    ("[]", "non-empty list"),
 ])
 def test_malformed_specs_raise(spec, named):
     with pytest.raises(GenerationSettingsError, match=named):

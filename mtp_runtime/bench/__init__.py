@@ -17,13 +17,13 @@ Modules: `configs` (what to run), `run` (running it), `hf` (transformers' genera
 `results` (the figures), `report` (text tables), `plot` (the figure image).
 """
 
-from .configs import DEFAULT_DRAFTS, DraftConfig, sweep
+from .configs import DEFAULT_DRAFTS, QUICK_DRAFTS, DraftConfig, sweep
 from .hf import HF_MODES, compare_hf, load_hf_model
 from .plot import plot_report
 from .report import format_report, format_stats
 from .results import BenchReport, ConfigResult, HFResult, PromptRun
 from .run import WARMUP_TOKENS, machine_info, run_bench
 
-__all__ = ["DEFAULT_DRAFTS", "DraftConfig", "sweep", "HF_MODES", "compare_hf", "load_hf_model", "plot_report",
-           "format_report", "format_stats", "BenchReport", "ConfigResult", "HFResult", "PromptRun",
+__all__ = ["DEFAULT_DRAFTS", "QUICK_DRAFTS", "DraftConfig", "sweep", "HF_MODES", "compare_hf", "load_hf_model",
+           "plot_report", "format_report", "format_stats", "BenchReport", "ConfigResult", "HFResult", "PromptRun",
            "WARMUP_TOKENS", "machine_info", "run_bench"]

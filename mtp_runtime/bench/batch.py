@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..stats import tokens_per_second
 from .configs import DraftConfig
 
 
@@ -26,7 +27,7 @@ class BatchPoint:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return tokens_per_second(self.new_tokens, self.wall_s)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def run_batch_sweep(runtime, prompts: list[list[int]], configs: list[DraftConfig
     configs = [DraftConfig("none"), *(c for c in configs if c.mode != "none")]
     report = BatchReport(max_new_tokens)
     with tqdm(total=len(batch_sizes) * len(configs), desc="batch", unit="run", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+              disable=not progress, leave=True) as bar:
         for size in batch_sizes:
             batch = [prompts[i % len(prompts)] for i in range(size)]
             for config in configs:

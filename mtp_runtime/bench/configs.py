@@ -9,6 +9,9 @@ from ..errors import GenerationSettingsError
 from ..params import DraftParams
 
 DEFAULT_DRAFTS = ("auto", "chain", "tree", "dynamic")
+"""The full sweep's draft modes (bench --full)."""
+QUICK_DRAFTS = ("auto", "chain")
+"""bench's default: plain decoding, auto and a one-token chain."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,14 @@ class DraftConfig:
 
     def generate_kwargs(self) -> dict:
         return {"draft": self.mode, "num_draft_tokens": self.num_draft_tokens, "tree": self.tree,
-                "depth": self.depth, "topk": self.topk}
+                "depth": self.depth, "draft_topk": self.topk}
+
+    def knobs(self) -> dict:
+        """The draft arguments this configuration's mode reads, with the values it ran with (plain: none)."""
+        knobs = self.params.knobs()
+        if "tree" in knobs:
+            knobs["tree"] = self.tree or "3,2,1"
+        return knobs
 
 
 def sweep(drafts=DEFAULT_DRAFTS, num_draft_tokens: list[int] | None = None, trees: list[str] | None = None,
@@ -50,6 +60,13 @@ def sweep(drafts=DEFAULT_DRAFTS, num_draft_tokens: list[int] | None = None, tree
     drafts = list(dict.fromkeys(drafts))
     if trees and "tree" not in drafts:
         raise GenerationSettingsError("a tree shape was given but no --draft tree is benchmarked; add --draft tree")
+    if num_draft_tokens and not {"auto", "chain", "dynamic"} & set(drafts):
+        raise GenerationSettingsError("--num-draft-tokens was given but no benchmarked mode reads it (auto, chain "
+                                      "and dynamic do); add one, or drop it")
+    for name, value in (("--depth", depth), ("--draft-topk", topk)):
+        if value is not None and "dynamic" not in drafts:
+            raise GenerationSettingsError(f"{name} was given but only dynamic trees read it; add --draft dynamic, "
+                                          "or drop it")
     configs = [DraftConfig("none")]
     for mode in drafts:
         if mode == "none":

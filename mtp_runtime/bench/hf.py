@@ -21,7 +21,7 @@ def compare_hf(runtime, report: BenchReport, progress: bool = False) -> list[HFR
     ours = [run.token_ids for run in report.plain.runs]
     results = []
     with tqdm(total=len(HF_MODES) * len(ours), desc="transformers", unit="run", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+              disable=not progress, leave=True) as bar:
         for name, kwargs in HF_MODES:
             results.append(_time_mode(model, name, kwargs, report, ours, bar))
     report.hf = results

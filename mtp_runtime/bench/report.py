@@ -78,19 +78,33 @@ def format_stats(stats: GenerationStats, finish_reason: str | None = None) -> st
                       (("draft", s.time_draft), ("verify", s.time_verify), ("commit", s.time_commit),
                        ("other", s.time_other)))
     finish = f" (finish: {finish_reason})" if finish_reason else ""
+    if not s.draft_steps:  # plain decoding: no drafts, so no acceptance figures
+        return "\n".join(f"{name:<14} {value}" for name, value in [
+            ("steps", f"{s.steps} trunk forwards (1 prefill + {verify} plain decoding steps), nothing drafted"),
+            ("new tokens", f"{s.new_tokens}{finish}"),
+            ("mean accepted", f"{s.mean_accepted_length:.2f} tokens per trunk forward"),
+            ("speed", f"{s.tokens_per_second:.1f} tokens/s over {s.time_total:.2f} s: {split}")])
+    drafted = "" if s.draft_steps == verify else f", {s.draft_steps} of them with drafts"
     rows = [
-        ("steps", f"{s.steps} trunk forwards (1 prefill + {verify} verify), {s.drafted_tokens} drafted tokens"),
+        ("steps", f"{s.steps} trunk forwards (1 prefill + {verify} verify{drafted}), {s.drafted_tokens} drafted "
+                  "tokens"),
         ("new tokens", f"{s.new_tokens}{finish}"),
         ("mean accepted", f"{s.mean_accepted_length:.2f} tokens per trunk forward (new tokens / steps, prefill "
                           "counted)"),
         ("tau", f"{s.tau:.2f} tokens per verify forward that drafted (bonus included) = 1 + sum(cumulative)"),
-        ("acceptance", _rates(s.acceptance_per_depth, s.depth_attempts, label=True)
-         + "   P(depth d accepted | parent accepted)"),
+        ("acceptance", _counted_rates(s.acceptance_per_depth, s.depth_attempts)
+         + "   P(depth d accepted | parent accepted), over n steps that drafted depth d under an accepted parent"),
         ("cumulative", _rates(s.cumulative_acceptance, label=True) + "   vLLM-style: P(at least d drafts accepted)"),
         ("accepted/step", _histogram(s) or "-"),
         ("speed", f"{s.tokens_per_second:.1f} tokens/s over {s.time_total:.2f} s: {split}"),
     ]
     return "\n".join(f"{name:<14} {value}" for name, value in rows)
+
+
+def _counted_rates(values: list[float], attempts: list[int]) -> str:
+    """Conditional rates with the attempts behind each: 'd1 0.50 (n=8)  d2 1.00 (n=2)'."""
+    return "  ".join(f"d{i} {v:.2f} (n={n})" if n else f"d{i} - (n=0)"
+                     for i, (v, n) in enumerate(zip(values, attempts), start=1)) or "-"
 
 
 def _rates(values: list[float], attempts: list[int] | None = None, label: bool = False) -> str:

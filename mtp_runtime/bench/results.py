@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..stats import GenerationStats
+from ..stats import GenerationStats, tokens_per_second
 from .configs import DraftConfig
 
 
@@ -35,8 +35,7 @@ class ConfigResult:
 
     @property
     def tokens_per_second(self) -> float:
-        wall = self.wall_s
-        return sum(len(r.token_ids) for r in self.runs) / wall if wall > 0 else 0.0
+        return tokens_per_second(sum(len(r.token_ids) for r in self.runs), self.wall_s)
 
     @property
     def step_time_s(self) -> float:
@@ -64,7 +63,7 @@ class HFResult:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return tokens_per_second(self.new_tokens, self.wall_s)
 
 
 @dataclass
@@ -118,10 +117,8 @@ class BenchReport:
                 "hf": [self._hf_dict(h) for h in self.hf]}
 
     def _config_dict(self, r: ConfigResult) -> dict:
-        p = r.config.params
         return {
-            "name": r.config.name, "draft": p.mode, "num_draft_tokens": p.num_draft_tokens,
-            "tree": r.config.tree, "depth": p.depth, "topk": p.topk,
+            "name": r.config.name, "draft": r.config.mode, **r.config.knobs(),
             "stats": r.stats.to_dict(), "wall_s": r.wall_s, "tokens_per_second": r.tokens_per_second,
             "speedup": self.speedup(r.tokens_per_second), "bound_free_drafting": r.stats.tau,
             "implied_speedup": self.implied_speedup(r), "decode_step_s": r.step_time_s,

@@ -34,7 +34,7 @@ def run_bench(runtime, prompts: list[str], configs: list[DraftConfig], *, max_ne
     compiled_before = _compile_seconds(runtime)
     results = [ConfigResult(c) for c in configs]
     with tqdm(total=len(ids) * len(configs), desc="bench", unit="run", file=sys.stderr, disable=not progress,
-              leave=False) as bar:
+              leave=True) as bar:
         for i, prompt in enumerate(ids):
             for result in results:
                 bar.set_postfix_str(f"prompt {i + 1} {result.config.name}")

@@ -66,7 +66,7 @@ def run_soak(runtime, prompts: list[list[int]], configs: list[DraftConfig], call
     report = SoakReport(calls)
     every = max(1, calls // SAMPLES)
     limit = runtime.config.max_position_embeddings
-    for i in tqdm(range(calls), desc="soak", unit="call", file=sys.stderr, disable=not progress, leave=False):
+    for i in tqdm(range(calls), desc="soak", unit="call", file=sys.stderr, disable=not progress, leave=True):
         prompt, config = prompts[i % len(prompts)], configs[i % len(configs)]
         kwargs = dict(sampling or {}, input_ids=prompt, ignore_eos=True, seed=i, **config.generate_kwargs())
         if i % FILL_EVERY == FILL_EVERY - 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Iterator
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from ..validate import printable, read_json
 from .names import LAYER_RE, sources_by_our_name
 
 SINGLE_FILE = "model.safetensors"
@@ -24,11 +24,6 @@ class TensorInfo:
     path: Path
     shape: tuple[int, ...]
     dtype: str
-
-
-def printable(text: str) -> str:
-    """text with control characters escaped, so that a tensor name cannot break an error message's lines."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @contextmanager
@@ -74,15 +69,7 @@ class CheckpointFiles:
             raise CheckpointError(
                 f"{self.folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found; "
                 "save the weights with save_pretrained(safe_serialization=True)")
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise CheckpointError(f"{index}: cannot be read ({exc.strerror}); check the file's permissions") from None
-        except RecursionError:
-            raise CheckpointError(f"{index}: not valid JSON (nested too deeply); regenerate the index") from None
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer of more than 4300 digits
-            reason = "an integer with too many digits" if "integer string conversion" in str(exc) else exc
-            raise CheckpointError(f"{index}: not valid JSON ({reason}); re-download or regenerate the index") from None
+        data = read_json(index, CheckpointError, "re-download or regenerate the index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(

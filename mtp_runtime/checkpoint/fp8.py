@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..validate import is_int, show
 
 DEFAULT_BLOCK_SIZE = (128, 128)
 FP8_DTYPE = torch.float8_e4m3fn
@@ -21,16 +22,15 @@ def weight_block_size(config_dict: dict[str, Any]) -> tuple[int, int]:
     try:
         return checked_block(block)
     except CheckpointError:
-        shown = repr(block) if len(repr(block)) <= 60 else repr(block)[:57] + "..."
-        raise CheckpointError(f"config.json: quantization_config.weight_block_size {shown} is invalid; "
+        raise CheckpointError(f"config.json: quantization_config.weight_block_size {show(block)} is invalid; "
                               "expected two positive integers such as [128, 128]") from None
 
 
 def checked_block(block_size: Any) -> tuple[int, int]:
     """block_size as two positive ints, or CheckpointError."""
     if (not isinstance(block_size, (list, tuple)) or len(block_size) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)):
-        raise CheckpointError(f"FP8 block size {block_size!r} is invalid; expected two positive integers")
+            or not all(is_int(b, 1) for b in block_size)):
+        raise CheckpointError(f"FP8 block size {show(block_size)} is invalid; expected two positive integers")
     return int(block_size[0]), int(block_size[1])
 
 

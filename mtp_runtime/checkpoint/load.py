@@ -79,11 +79,13 @@ class _Filler:
 
 def load_state_dict(files: CheckpointFiles, expected: dict[str, tuple[torch.Size, torch.dtype]],
                     num_hidden_layers: int, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-                    tie_word_embeddings: bool = False,
-                    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE) -> dict[str, torch.Tensor]:
-    """Tensors for exactly the expected names (ours): floats as dtype (e_score_correction_bias float32), on device."""
+                    tie_word_embeddings: bool = False, block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE,
+                    num_mtp: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors for exactly the expected names (ours): floats as dtype (e_score_correction_bias float32), on device.
+
+    num_mtp: MTP layers beyond this many are left unread (config.json promises fewer than the weights hold)."""
     block_size = checked_block(block_size)
-    plan = Planner(files, expected, num_hidden_layers, tie_word_embeddings, block_size).run()
+    plan = Planner(files, expected, num_hidden_layers, tie_word_embeddings, block_size, num_mtp).run()
     tied = LM_HEAD in plan and LM_HEAD not in files and plan[LM_HEAD][0].raw == EMBED
     by_file: dict[Path, dict[str, list[tuple[str, Source]]]] = {}
     for name, sources in plan.items():

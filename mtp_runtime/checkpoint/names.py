@@ -47,6 +47,12 @@ def _rename_layer(raw: str, num_hidden_layers: int) -> str:
     return raw
 
 
+def mtp_index(name: str) -> int | None:
+    """k of one of our `mtp.{k}.<rest>` names; None for trunk names."""
+    m = _MTP_RE.fullmatch(name)
+    return int(m[1]) if m else None
+
+
 def raw_prefix(name: str, num_hidden_layers: int) -> str:
     """`mtp.{k}.<rest>` -> `model.layers.{N + k}.<rest>`; other names unchanged."""
     m = _MTP_RE.fullmatch(name)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .files import CheckpointFiles, printable
-from .names import EMBED, LM_HEAD, SCALE_SUFFIX, Source, sources_by_our_name
+from ..validate import printable
+from .files import CheckpointFiles
+from .names import EMBED, LM_HEAD, SCALE_SUFFIX, Source, mtp_index, sources_by_our_name
 
 MAX_LISTED = 20
 
@@ -67,12 +68,14 @@ class Planner:
     """Matches raw tensors to the expected names and collects every mismatch."""
 
     def __init__(self, files: CheckpointFiles, expected: dict[str, tuple[torch.Size, torch.dtype]],
-                 num_hidden_layers: int, tie_word_embeddings: bool, block_size: tuple[int, int]):
+                 num_hidden_layers: int, tie_word_embeddings: bool, block_size: tuple[int, int],
+                 num_mtp: int | None = None):
         self.files = files
         self.expected = expected
         self.block_size = block_size
         self.names = files.raw_names()
-        self.sources = sources_by_our_name(files, num_hidden_layers)
+        self.sources = {name: sources for name, sources in sources_by_our_name(files, num_hidden_layers).items()
+                        if num_mtp is None or mtp_index(name) is None or mtp_index(name) < num_mtp}
         self.tie = (tie_word_embeddings and LM_HEAD in expected and LM_HEAD not in self.sources
                     and any(s.kind == "whole" for s in self.sources.get(EMBED, [])))
         self.problems = _Problems()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -132,6 +133,12 @@ def _remove_stale(folder: Path) -> None:
             path.unlink()
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, then the permissions config.json got (safetensors writes 0600; the umask decides the others')."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    shutil.copymode(path.parent / "config.json", path)
+
+
 def save_checkpoint(folder: str | Path, config_dict: dict, state_dict: dict[str, torch.Tensor],
                     num_hidden_layers: int, *, max_shard_bytes: int | None = None, fp8: bool = False,
                     fused_experts: bool = False, block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE) -> None:
@@ -150,14 +157,14 @@ def save_checkpoint(folder: str | Path, config_dict: dict, state_dict: dict[str,
     _remove_stale(folder)
     shards = _shards(units, max_shard_bytes)
     if len(shards) == 1:
-        save_file(_materialize(shards[0]), str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        _save(_materialize(shards[0]), folder / SINGLE_FILE)
         return
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         tensors = _materialize(shard)
-        save_file(tensors, str(folder / filename), metadata={"format": "pt"})
+        _save(tensors, folder / filename)
         weight_map.update(dict.fromkeys(tensors, filename))
         total += sum(t.nbytes for t in tensors.values())
         del tensors

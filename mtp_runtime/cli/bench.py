@@ -3,33 +3,53 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from ..bench.configs import DEFAULT_DRAFTS, QUICK_DRAFTS
 from ..errors import GenerationSettingsError, MTPRuntimeError, ParallelError
-from .common import (TREE_SPEC, check_request, compile_option, friendly_errors, load_runtime, model_options,
-                     sampling_options)
+from ..validate import is_int
+from .common import (check_model_options, check_request, compile_option, draft_options, friendly_errors, int_list,
+                     load_runtime, model_options, sampling_options)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What bench runs when an option is not given."""
+
+    drafts: tuple[str, ...]
+    num_prompts: int
+    max_new_tokens: int
+    compile: bool
+
+
+QUICK = Preset(QUICK_DRAFTS, num_prompts=3, max_new_tokens=64, compile=False)
+"""The default: plain decoding, auto and a one-token chain, eager (about half a minute on a busy 2-core CPU with the
+shipped model; compiling the step shapes alone takes minutes the first time on a machine)."""
+FULL = Preset(DEFAULT_DRAFTS, num_prompts=8, max_new_tokens=128, compile=True)
+"""--full: every draft mode, compiled steps."""
 
 
 @click.command()
 @model_options
-@compile_option(default=True)
+@compile_option(default=None, default_text="off; on with --full")
+@click.option("--full", is_flag=True,
+              help="The full sweep: auto, chain, tree and dynamic (each at its default size) on 8 prompts x 128 "
+                   "tokens, compiled. Without it, bench compares plain decoding, auto and a one-token chain on 3 "
+                   "prompts x 64 tokens, eagerly (about a minute).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Prompts: .jsonl with a \"prompt\" field per line, or text with one prompt per blank-line-separated "
                    "block.  [default: the first 30 lines of held-out files of the training corpus]")
-@click.option("--num-prompts", type=int, default=8, show_default=True,
-              help="Number of default prompts (ignored with --prompts).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens generated per prompt.")
+@click.option("--num-prompts", type=int, default=None, show_default="3; 8 with --full",
+              help="Number of default prompts (not with --prompts).")
+@click.option("--max-new-tokens", type=int, default=None, show_default="64; 128 with --full",
+              help="Tokens generated per prompt.")
 @click.option("--draft", "drafts", multiple=True, metavar="[auto|chain|tree|dynamic]",
               help="Draft mode to benchmark, repeatable (see `generate --help`); plain decoding always runs "
-                   "as the baseline.  [default: auto, chain, tree, dynamic]")
-@click.option("--num-draft-tokens", default=None, metavar="N[,N...]",
-              help="Sweep, comma-separated: chain tokens per step, auto's longest chain and dynamic node budgets.  "
-                   "[default: chain 1, auto 4, dynamic 8]")
-@click.option("--tree", "trees", multiple=True, help="Shape for --draft tree, repeatable to sweep: " + TREE_SPEC)
-@click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]")
-@click.option("--topk", type=int, default=None, help="dynamic: children per expanded node.  [default: 4]")
+                   "as the baseline.  [default: auto, chain; with --full: auto, chain, tree, dynamic]")
+@draft_options(sweep=True)
 @sampling_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is sampled with seed + i.")
 @click.option("--ignore-eos/--respect-eos", default=True, show_default=True,
@@ -37,7 +57,8 @@ from .common import (TREE_SPEC, check_request, compile_option, friendly_errors, 
 @click.option("--json", "json_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every figure (configs, per-prompt stats, machine) to this JSON file.")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Draw acceptance per depth and speedup per configuration to this image (needs matplotlib).")
+              help="Draw acceptance per depth and speedup per configuration to this image (needs matplotlib; the "
+                   "suffix picks the format: .png, .pdf, .svg, ...).")
 @click.option("--compare-hf", is_flag=True,
               help="Also time transformers' generate on the same weights and prompts: greedy, prompt lookup (3 "
                    "tokens) and its MTP mode, and check their greedy ids against ours.")
@@ -59,13 +80,16 @@ from .common import (TREE_SPEC, check_request, compile_option, friendly_errors, 
 @click.option("--api-key", default=None, envvar="MTP_RUNTIME_API_KEY", help="With --url: the servers' --api-key.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @friendly_errors
-def bench(model, device, dtype, threads, attention, compile_steps, prompts_file, num_prompts, max_new_tokens, drafts, num_draft_tokens,
-          trees, depth, topk, temperature, top_k, top_p, seed, ignore_eos, json_file, plot_file, compare_hf,
-          batch_sizes, soak, urls, concurrency, num_requests, api_key, progress):
+def bench(model, device, dtype, threads, attention, compile_steps, full, prompts_file, num_prompts, max_new_tokens,
+          drafts, num_draft_tokens, trees, depth, draft_topk, temperature, top_k, top_p, seed, ignore_eos, json_file,
+          plot_file, compare_hf, batch_sizes, soak, urls, concurrency, num_requests, api_key, progress):
     """Measure MTP draft acceptance and speedup over plain decoding, on the same prompts in one run.
 
     Plain decoding and every configuration run on the same prompts, interleaved, each after one untimed
     warm-up generate. Greedy by default; with --temperature the acceptance is that of rejection sampling.
+    The default is a quick comparison (plain, auto, chain k=1; 3 prompts x 64 tokens, eager); `bench --full`
+    runs the whole sweep (auto, chain, tree, dynamic; 8 prompts x 128 tokens, compiled steps). Every option is
+    checked before the model loads.
 
     \b
     Figures per configuration:
@@ -92,30 +116,39 @@ def bench(model, device, dtype, threads, attention, compile_steps, prompts_file,
     from .. import bench as bench_mod
     from ..parallel import launched_world_size
 
+    if prompts_file is not None and num_prompts is not None:
+        raise click.UsageError("--num-prompts counts the default prompts; with --prompts FILE every prompt in it runs")
+    preset = FULL if full else QUICK
+    num_prompts = preset.num_prompts if num_prompts is None else num_prompts
+    max_new_tokens = preset.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if compile_steps is None:  # the preset's choice stays eager where compiling is not supported (off the CPU)
+        compile_steps = preset.compile and _cpu(device)
     if urls:
         _check_outputs(json_file, plot_file)
         _serving(urls, model, prompts_file, num_prompts, max_new_tokens, dict(temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed), ignore_eos, json_file, concurrency, num_requests, api_key, soak, progress,
                  local={"--draft": drafts, "--num-draft-tokens": num_draft_tokens, "--tree": trees, "--depth": depth,
-                        "--topk": topk, "--compare-hf": compare_hf, "--plot": plot_file, "--batch-sizes": batch_sizes})
+                        "--draft-topk": draft_topk, "--compare-hf": compare_hf, "--plot": plot_file,
+                        "--batch-sizes": batch_sizes})
         return
     if compare_hf and launched_world_size() > 1:
         raise ParallelError("--compare-hf runs transformers on the whole model; run it without torchrun")
     _check_outputs(json_file, plot_file)
-    configs = bench_mod.sweep(drafts or bench_mod.DEFAULT_DRAFTS, _int_list(num_draft_tokens), list(trees) or None,
-                              depth, topk)
-    check_request(max_new_tokens, "none", dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                                num_draft_tokens=None, tree=None, depth=None, topk=None), ())
+    configs = bench_mod.sweep(drafts or preset.drafts, int_list(num_draft_tokens, "--num-draft-tokens"),
+                              list(trees) or None, depth, draft_topk)
+    facts = check_model_options(model, device, dtype, threads)
+    check_request(facts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  draft="none")
     sizes = _check_modes(batch_sizes, soak, compare_hf, plot_file)
-    runtime = load_runtime(model, device, dtype, threads, attention, compile_steps and _cpu(device))
+    texts = _prompts(model, prompts_file, num_prompts)
+    runtime = load_runtime(model, device, dtype, threads, attention, compile_steps)
     if sizes is not None or soak is not None:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        prompts = _prompts(runtime.path, prompts_file, num_prompts)
-        _batch_or_soak(runtime, prompts, configs, sizes, soak, max_new_tokens, sampling, json_file, progress)
+        _batch_or_soak(runtime, texts, configs, sizes, soak, max_new_tokens, sampling, json_file, progress)
         return
-    report = bench_mod.run_bench(runtime, _prompts(runtime.path, prompts_file, num_prompts), configs,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed, ignore_eos=ignore_eos, progress=progress and runtime.is_main_process)
+    report = bench_mod.run_bench(runtime, texts, configs, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                                 progress=progress and runtime.is_main_process)
     if not runtime.is_main_process:
         return
     if compare_hf:
@@ -129,7 +162,8 @@ def bench(model, device, dtype, threads, attention, compile_steps, prompts_file,
 
 
 def _cpu(device: str | None) -> bool:
-    """Compiling is for the CPU: the default --compile quietly stays eager on other devices."""
+    """Whether the run is on the CPU, where compiled steps are supported (an explicit --compile elsewhere is an
+    error from Runtime.compile)."""
     import torch
 
     return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
@@ -144,8 +178,8 @@ def _check_modes(batch_sizes: str | None, soak: int | None, compare_hf: bool, pl
         raise GenerationSettingsError(f"{' and '.join(modes + extras)} cannot be combined; run them separately")
     if soak is not None and soak < 1:
         raise GenerationSettingsError(f"--soak={soak} must be at least 1 call")
-    sizes = _int_list(batch_sizes, "--batch-sizes")
-    if sizes is not None and (not sizes or min(sizes) < 1):
+    sizes = int_list(batch_sizes, "--batch-sizes")
+    if sizes is not None and min(sizes) < 1:
         raise GenerationSettingsError(f"--batch-sizes {sizes} must list positive integers, e.g. 1,4,16,64")
     return sizes
 
@@ -176,7 +210,7 @@ def _serving(urls, model, prompts_file, num_prompts, max_new_tokens, sampling, i
     if given:
         raise GenerationSettingsError(f"{', '.join(given)} cannot be combined with --url: a server drafts as it was "
                                       "started (start one per --draft setting and pass each --url)")
-    levels = _int_list(concurrency, "--concurrency")
+    levels = int_list(concurrency, "--concurrency")
     if not levels or min(levels) < 1 or num_requests < 1:
         raise GenerationSettingsError("--concurrency must list positive integers (e.g. 1,4,16) and --num-requests "
                                       "must be at least 1")
@@ -194,37 +228,28 @@ def _serving(urls, model, prompts_file, num_prompts, max_new_tokens, sampling, i
         _write_json(report, json_file)
 
 
-def _int_list(value: str | None, option: str = "--num-draft-tokens") -> list[int] | None:
-    """'1,2,3' as [1, 2, 3] (None stays None)."""
-    if value is None:
-        return None
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise GenerationSettingsError(
-            f"{option} {value!r} is invalid: expected integers separated by commas, e.g. 1,2,3") from None
-
-
 def _check_outputs(json_file: Path | None, plot_file: Path | None) -> None:
-    """Fail before the long run when an output cannot be written (no matplotlib, or a missing folder)."""
+    """Fail before the long run when an output cannot be written (no matplotlib, an image format it cannot write,
+    or a missing folder)."""
     if plot_file is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MTPRuntimeError("--plot needs matplotlib; install it with: pip install 'mtp-runtime[plot]'") from None
+        from ..bench.plot import check_plot_path
+
+        check_plot_path(plot_file)
     for file in (json_file, plot_file):
         if file is not None and not file.resolve().parent.is_dir():
             raise MTPRuntimeError(f"cannot write {file}: folder {file.resolve().parent} does not exist")
 
 
-def _prompts(model_folder: Path | None, prompts_file: Path | None, num_prompts: int) -> list[str]:
-    """The --prompts file, or held-out files of the corpus the model (default: the shipped one) was trained on."""
-    from .. import DEFAULT_MODEL
+def _prompts(model: Path | None, prompts_file: Path | None, num_prompts: int) -> list[str]:
+    """The --prompts file, or held-out files of the corpus the model was trained on."""
+    import mtp_runtime
     from ..prompts import default_prompts, load_prompts, training_corpus
 
     if prompts_file is not None:
         return load_prompts(prompts_file)
-    roots, percent = training_corpus(model_folder if model_folder is not None else DEFAULT_MODEL)
+    if not is_int(num_prompts, 1):
+        raise GenerationSettingsError(f"--num-prompts {num_prompts} must be at least 1")
+    roots, percent = training_corpus(model if model is not None else mtp_runtime.DEFAULT_MODEL)
     return default_prompts(num_prompts, roots=roots, percent=percent)
 
 

@@ -1,8 +1,10 @@
-"""What the commands share: one-line errors, the model, draft and sampling options, loading and request checks."""
+"""What the commands share: one-line errors, the model, sampling and draft options, and every check that can run
+before the (slow) model load."""
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +17,13 @@ DRAFT_HELP = ("Drafting: auto (each step drafts the chain length, none included,
               "tree, see --tree) or dynamic (EAGLE-2-style tree grown by draft probability).")
 TREE_SPEC = ("branching per depth as '3,2,1' (3 children of the root, 2 of each, 1 of each), or Medusa-style JSON "
              "paths of child ranks, e.g. '[[0],[1],[0,0]]'.  [default: 3,2,1]")
+NUM_DRAFT_TOKENS_HELP = ("chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default "
+                         "4); dynamic: draft nodes kept per step (default 8). Not read by tree and none.")
+DEPTH_HELP = "dynamic only: maximum draft depth.  [default: 4]"
+DRAFT_TOPK_HELP = ("dynamic only: children drafted per expanded node, and nodes expanded per depth (draft branching; "
+                   "not sampling's --top-k).  [default: 4]")
+STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+"""Escapes --stop interprets (any other backslash stays as typed)."""
 
 
 def friendly_errors(command):
@@ -53,7 +62,7 @@ model_options = _options(
     click.option("--dtype", default=None, show_default="bfloat16 on cuda, float32 on cpu",
                  help="Weights and activations: float32, bfloat16 or float16."),
     click.option("--threads", type=int, default=None, show_default="1 for small models, else the fastest measured",
-                 help="torch CPU threads."),
+                 help="torch CPU threads (at most 4 per core)."),
     click.option("--attention", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True,
                  help="Prefill attention kernel: flash-attn where installed and usable (CUDA, bf16/fp16) else SDPA; "
                       "'flash' makes a missing flash-attn an error."),
@@ -61,36 +70,72 @@ model_options = _options(
 """--model, --device, --dtype, --threads, --attention."""
 
 
-def compile_option(default: bool):
+def compile_option(default: bool | None, default_text: str | None = None):
     """--compile/--no-compile: batch-1 decoding steps through torch.compile (CPU)."""
     return click.option(
-        "--compile/--no-compile", "compile_steps", default=default, show_default=True,
+        "--compile/--no-compile", "compile_steps", default=default, show_default=default_text or True,
         help="Run batch-1 decoding steps compiled (torch.compile, CPU): several times faster once each step shape "
-             "has compiled, which takes tens of seconds the first time and a few seconds once inductor's on-disk "
+             "has compiled, which takes minutes the first time on a machine and less once inductor's on-disk "
              "cache holds it. Pays for long runs, not for one short generation.")
 
-draft_options = _options(
-    click.option("--draft", default=None, metavar="[auto|none|chain|tree|dynamic]",
-                 show_default="auto if the model has MTP modules, else none", help=DRAFT_HELP),
-    click.option("--num-draft-tokens", type=int, default=None,
-                 help="chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default 4); "
-                      "dynamic: draft nodes kept per step (default 8)."),
-    click.option("--tree", default=None, help="Static tree shape (implies --draft tree): " + TREE_SPEC),
-    click.option("--depth", type=int, default=None, help="dynamic: maximum draft depth.  [default: 4]"),
-    click.option("--topk", type=int, default=None,
-                 help="dynamic: children per expanded node and nodes expanded per depth.  [default: 4]"),
-)
-"""--draft, --num-draft-tokens, --tree, --depth, --topk (one draft setting, as generate and serve take it)."""
 
 sampling_options = _options(
     click.option("--temperature", type=float, default=0.0, show_default=True,
                  help="Softmax temperature; 0 decodes greedily (argmax)."),
     click.option("--top-k", type=int, default=0, show_default=True,
-                 help="Sample among the k most likely tokens only; 0 turns it off."),
+                 help="Sample among the k most likely tokens only; 0 turns it off (sampling only)."),
     click.option("--top-p", type=float, default=1.0, show_default=True,
-                 help="Nucleus sampling: the smallest token set holding this much mass; 1 turns it off."),
+                 help="Nucleus sampling: the smallest token set holding this much mass; 1 turns it off (sampling "
+                      "only)."),
 )
 """--temperature, --top-k, --top-p (transformers' generate names)."""
+
+
+def _renamed_topk(ctx, param, value):
+    if value is not None:
+        raise click.BadParameter("renamed --draft-topk (draft branching); sampling's option is --top-k")
+    return value
+
+
+def draft_options(sweep: bool):
+    """--num-draft-tokens, --tree, --depth, --draft-topk (the same help for generate and bench); with `sweep`,
+    --num-draft-tokens takes a comma-separated list and --tree repeats."""
+    return _options(
+        click.option("--num-draft-tokens", type=str if sweep else int, default=None,
+                     metavar="N[,N...]" if sweep else "N",
+                     help=NUM_DRAFT_TOKENS_HELP + (" Comma-separated to sweep." if sweep else "")),
+        click.option("--tree", "trees" if sweep else "tree", multiple=sweep, default=None,
+                     help=("Static tree shape for --draft tree (repeatable to sweep): " if sweep else
+                           "Static tree shape (implies --draft tree): ") + TREE_SPEC),
+        click.option("--depth", type=int, default=None, help=DEPTH_HELP),
+        click.option("--draft-topk", type=int, default=None, help=DRAFT_TOPK_HELP),
+        click.option("--topk", type=int, default=None, hidden=True, expose_value=False, callback=_renamed_topk),
+    )
+
+
+def unescape_stop(text: str) -> str:
+    """--stop's text with \\n, \\t, \\r and \\\\ made the characters they name, as the shell cannot type them."""
+    return re.sub(r"\\(.)", lambda m: STOP_ESCAPES.get(m[1], m[0]), text, flags=re.S)
+
+
+def check_model_options(model: Path | None, device: str | None, dtype: str | None, threads: int | None):
+    """The checks of the model options that need no weights: device, dtype, threads, and the model folder's
+    config.json. Returns what the request checks need to know of the model (ModelFacts)."""
+    import mtp_runtime
+    from ..checkpoint import open_folder
+    from ..request import ModelFacts
+    from ..runtime import resolve_device, resolve_dtype
+    from ..threads import check_threads
+
+    check_threads(threads)
+    if device is not None:
+        resolve_dtype(dtype, resolve_device(device))
+    elif dtype is not None:
+        resolve_dtype(dtype, resolve_device(None))
+    folder = open_folder(model if model is not None else mtp_runtime.DEFAULT_MODEL)
+    config = folder.config
+    return ModelFacts(config.num_nextn_predict_layers, config.vocab_size, config.eos_token_ids,
+                      (folder.path / "tokenizer.json").is_file())
 
 
 def load_runtime(model: Path | None, device: str | None, dtype: str | None, threads: int | None,
@@ -103,8 +148,6 @@ def load_runtime(model: Path | None, device: str | None, dtype: str | None, thre
     import mtp_runtime
     from ..parallel import close, init_from_env, launched_world_size
 
-    if threads is not None and threads < 1:
-        raise GenerationSettingsError(f"--threads={threads} must be at least 1")
     parallel = None
     if launched_world_size() > 1:
         parallel = init_from_env(device)
@@ -114,14 +157,22 @@ def load_runtime(model: Path | None, device: str | None, dtype: str | None, thre
                             compile=compile)
 
 
-def check_request(max_new_tokens: int, draft: str | None, kwargs: dict, stop: tuple[str, ...]) -> None:
-    """Validate every generation setting before the (slow) model load."""
-    from ..params import DEFAULT_DRAFT_MODE, DraftParams, GenerationRequest
-    from ..sampling import SamplingParams
+def check_request(facts, **generate_kwargs):
+    """The GenerationRequest generate() will build, built (and so checked) before the model loads."""
+    from ..request import build_request
 
-    GenerationRequest(
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["seed"]),
-        draft=DraftParams.build(draft or DEFAULT_DRAFT_MODE, kwargs["num_draft_tokens"], kwargs["tree"], kwargs["depth"],
-                                kwargs["topk"]),
-        stop_strings=stop).validate()
+    return build_request(facts, **generate_kwargs)
+
+
+def int_list(value: str | None, option: str) -> list[int] | None:
+    """'1,2,3' as [1, 2, 3] (None stays None); a list of no integers is an error."""
+    if value is None:
+        return None
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise GenerationSettingsError(
+            f"{option} {value!r} is invalid: expected integers separated by commas, e.g. 1,2,3") from None
+    if not numbers:
+        raise GenerationSettingsError(f"{option} {value!r} lists no integers; give e.g. 1,2,3")
+    return numbers

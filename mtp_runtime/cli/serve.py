@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 from ..errors import MTPRuntimeError, NoMTPModulesError, ParallelError
-from .common import compile_option, draft_options, friendly_errors, load_runtime, model_options
+from .common import DRAFT_HELP, compile_option, draft_options, friendly_errors, load_runtime, model_options
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -15,7 +15,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @click.command()
 @model_options
 @compile_option(default=False)
-@draft_options
+@click.option("--draft", default=None, metavar="[auto|none|chain|tree|dynamic]",
+              show_default="tree with --tree, else auto if the model has MTP modules, else none", help=DRAFT_HELP)
+@draft_options(sweep=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 serves every interface (then set --api-key).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port; 0 picks a free one.")
@@ -35,8 +37,8 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning", show_default=True,
               help="Server log (debug adds one line per HTTP request).")
 @friendly_errors
-def serve(model, device, dtype, threads, attention, compile_steps, draft, num_draft_tokens, tree, depth, topk, host,
-          port, max_batch, max_queue, api_key, served_model_name, max_body_bytes, shutdown_timeout, log_level):
+def serve(model, device, dtype, threads, attention, compile_steps, draft, num_draft_tokens, tree, depth, draft_topk,
+          host, port, max_batch, max_queue, api_key, served_model_name, max_body_bytes, shutdown_timeout, log_level):
     """Serve the model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, plus
     /health and Prometheus /metrics.
 
@@ -45,9 +47,9 @@ def serve(model, device, dtype, threads, attention, compile_steps, draft, num_dr
     leave it when they finish or their client disconnects; greedy output for a
     prompt is what `generate` gives for it alone, whatever else is in the batch.
     Requests may set top_k, ignore_eos, return_token_ids, acceptance and the draft
-    options (draft, num_draft_tokens, tree, depth, topk) as extra fields; the
-    draft options here are their defaults. A seeded sampled request decodes in a
-    batch of its own, so that its output is reproducible.
+    options (draft, num_draft_tokens, tree, depth, draft_topk) as extra fields;
+    the draft options here are their defaults. A seeded sampled request decodes
+    in a batch of its own, so that its output is reproducible.
 
     \b
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -64,7 +66,7 @@ def serve(model, device, dtype, threads, attention, compile_steps, draft, num_dr
         raise ParallelError("serve runs in one process; start it without torchrun")
     if tree is not None and draft is None:
         draft = "tree"
-    defaults = DraftDefaults(draft or "auto", num_draft_tokens, tree, depth, topk)
+    defaults = DraftDefaults(draft or "auto", num_draft_tokens, tree, depth, draft_topk)
     settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                              max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, draft=defaults)
     settings.validate()  # before the (slow) model load

@@ -19,7 +19,7 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--arch")
         try:
             out[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             out[key] = value
     return out
 
@@ -55,8 +55,11 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
               help="Corpus tokens that start each continuation window.")
 @click.option("--eval-every", default=200, show_default=True, help="Held-out evaluation interval (steps).")
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint interval (steps); rerun to resume.")
-@click.option("--max-minutes", type=float, default=None, help="Stop (and export) after this much wall time.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Wall-time budget of the whole run, tokenizer training and data preparation included: training "
+                   "stops (and exports) in time for the final evaluation and export to fit.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; at most 4 per "
+                                                          "core).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda to train on a GPU.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--arch", "arch", multiple=True, metavar="KEY=VALUE",
@@ -72,10 +75,19 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
     """
     import torch
 
+    from ..errors import TrainingSettingsError
     from ..runtime import resolve_device
+    from ..threads import check_threads
     from ..train.trainer import Trainer, TrainSettings
 
-    if threads:
+    ctx = click.get_current_context()
+    given = {name for name in ("vocab_size", "continuation_prompt")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if init is not None and "vocab_size" in given:
+        raise TrainingSettingsError("--vocab-size does not apply with --init: the tokenizer is --init's")
+    if not continuations and "continuation_prompt" in given:
+        raise TrainingSettingsError("--continuation-prompt does not apply without --continuations N")
+    if check_threads(threads):
         torch.set_num_threads(threads)
     settings = TrainSettings(
         out_dir=out_dir, corpus=list(corpus), steps=steps, batch_size=batch_size, context=context, lr=lr,

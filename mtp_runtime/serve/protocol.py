@@ -3,12 +3,10 @@ one answered with a 400 that names it (`param`) and says what is allowed. Fields
 does not implement are refused unless they hold their no-op value, so that nothing a client asks is ignored.
 
 Extra fields (as vLLM takes them): top_k, ignore_eos, return_token_ids, and the draft settings of `generate`
-(draft, num_draft_tokens, tree, depth, topk) plus acceptance ('exact' or the lossy 'typical').
+(draft, num_draft_tokens, tree, depth, draft_topk) plus acceptance ('exact' or the lossy 'typical').
 
 Seeded sampling is reproducible: such a request decodes in a batch of its own (DecodeSettings.exclusive), and
-with draft 'auto' it decodes with draft 'none', because auto picks each step's chain length from measured step
-times and every drafted token draws random numbers (the distribution is the same either way; a fixed draft
-shape such as 'chain' keeps drafting).
+draft 'auto' then chooses its chain lengths from modelled, not measured, step costs (see auto_draft.py).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from .settings import DraftDefaults
 COMPLETION_MAX_TOKENS = 16
 """OpenAI's default max_tokens for completions (chat defaults to the rest of the context)."""
 MAX_STOP_STRINGS = 16
-DRAFT_FIELDS = ("draft", "num_draft_tokens", "tree", "depth", "topk")
+DRAFT_FIELDS = ("draft", "num_draft_tokens", "tree", "depth", "draft_topk")
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
                  "top_k", "ignore_eos", "return_token_ids", "acceptance", *DRAFT_FIELDS}
 NO_OP_VALUES = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,),
@@ -105,8 +103,6 @@ def _job(body: dict, model: ServedModel, kind: str, prompts: list[list[int]], ma
                        param="stream_options", code="invalid_value")
     include_usage = _boolean(options or {}, "include_usage")
     sampling, draft = _sampling(body), _draft(body, model)
-    if draft.mode == "auto" and not sampling.greedy and sampling.seed is not None:
-        draft = DraftParams.build("none")  # auto follows measured step times, which a seed cannot reproduce
     decode = DecodeSettings(sampling, draft, _choice(body, "acceptance", ("exact", "typical")))
     try:
         decode.request(max_tokens)
@@ -248,7 +244,7 @@ def _draft(body: dict, model: ServedModel) -> DraftParams:
             raise ApiError(400, f"draft={mode!r} must be a string", param="draft", code="invalid_type")
         try:
             params = DraftParams.build(mode, fields.get("num_draft_tokens"), fields.get("tree"),
-                                       fields.get("depth"), fields.get("topk"))
+                                       fields.get("depth"), fields.get("draft_topk"))
         except GenerationSettingsError as error:
             raise ApiError(400, str(error), param=next(iter(given)), code="invalid_value") from None
     if params.mode != "none" and model.runtime.num_mtp_modules == 0:

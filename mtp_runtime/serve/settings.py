@@ -17,10 +17,10 @@ class DraftDefaults:
     num_draft_tokens: int | None = None
     tree: str | None = None
     depth: int | None = None
-    topk: int | None = None
+    draft_topk: int | None = None
 
     def params(self) -> DraftParams:
-        return DraftParams.build(self.mode, self.num_draft_tokens, self.tree, self.depth, self.topk)
+        return DraftParams.build(self.mode, self.num_draft_tokens, self.tree, self.depth, self.draft_topk)
 
 
 @dataclass(frozen=True)

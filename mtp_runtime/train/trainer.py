@@ -8,18 +8,19 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_model, open_folder, save_checkpoint
 from ..config import ModelConfig
-from ..errors import MTPRuntimeError
+from ..errors import MTPRuntimeError, TrainingSettingsError
 from ..model import DeepseekForCausalLM
 from ..model.moe import Gate
+from ..validate import finite_float, is_int, show
 from . import corpus
 from .continuations import generate_continuations
 from .objectives import window_losses
@@ -86,6 +87,81 @@ class TrainSettings:
     arch_overrides: dict = field(default_factory=dict)
     """config.json fields replacing default_architecture()'s (e.g. {"hidden_size": 64})."""
 
+    def validate(self) -> None:
+        """Raise TrainingSettingsError naming the first setting of the wrong type, out of range, or not applying."""
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise TrainingSettingsError(f"--out {out} is a file; give a folder (it is created when missing)")
+        for name, low in (("steps", 1), ("batch_size", 1), ("context", 2), ("warmup", 0), ("num_mtp", 1),
+                          ("eval_every", 1), ("eval_windows", 1), ("save_every", 1), ("seed", 0),
+                          ("continuations", 0), ("continuation_prompt", 1)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("vocab_size", self.vocab_size, MIN_VOCAB, MAX_VOCAB)
+        _check_int("held_out_percent", self.held_out_percent, 1, 99)
+        if self.mtp_depth is not None:
+            _check_int("mtp_depth", self.mtp_depth, 1)
+        for name, positive in (("lr", True), ("weight_decay", False), ("mtp_weight", False),
+                               ("mtp_weight_late", False), ("bias_update_speed", False), ("max_minutes", True),
+                               ("continuation_temperature", True)):
+            value = getattr(self, name)
+            if value is None and name in ("mtp_weight_late", "max_minutes"):
+                continue
+            number = finite_float(value)
+            if number is None or number < 0 or (positive and number == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise TrainingSettingsError(f"{_option(name)} {show(value)} is invalid: expected a finite number "
+                                            f"{bound}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise TrainingSettingsError(f"save_dtype={show(self.save_dtype)}; use one of {', '.join(SAVE_DTYPES)}")
+        if self.mtp_only and self.init is None:
+            raise TrainingSettingsError("--mtp-only needs --init FOLDER: the checkpoint whose trunk gets MTP modules")
+        if self.init is not None and not self.mtp_only:
+            raise TrainingSettingsError("--init names the trunk that --mtp-only trains modules for; add --mtp-only")
+        if self.continuations and not self.mtp_only:
+            raise TrainingSettingsError("--continuations needs --mtp-only: the continuations come from a trained "
+                                        "trunk")
+        if self.mtp_only and self.arch_overrides:
+            raise TrainingSettingsError("--arch does not apply with --mtp-only: the architecture is --init's")
+        check_arch_overrides(self.arch_overrides)
+
+
+MIN_VOCAB = 257
+"""A byte-level BPE vocabulary holds at least the 256 bytes and <|endoftext|>."""
+MAX_VOCAB = 2**20
+SAVE_DTYPES = ("bfloat16", "float32")
+NOT_ARCH_OVERRIDES = {"vocab_size": "--vocab-size", "num_nextn_predict_layers": "--num-mtp",
+                      "num_mtp_layers": "--num-mtp", "eos_token_id": None, "bos_token_id": None}
+"""Architecture fields --arch may not set: those with their own option, and those the tokenizer decides."""
+
+
+def architecture_fields() -> set[str]:
+    """The config.json fields --arch may override: default_architecture()'s and every ModelConfig field."""
+    names = set(default_architecture(MIN_VOCAB)) | {f.name for f in fields(ModelConfig)} | {"rope_scaling"}
+    return names - set(NOT_ARCH_OVERRIDES) - {"rope"}
+
+
+def check_arch_overrides(overrides: dict) -> None:
+    """Raise TrainingSettingsError for an --arch key that is no architecture field (or has its own option)."""
+    known = architecture_fields()
+    for key in overrides:
+        if key in NOT_ARCH_OVERRIDES:
+            instead = NOT_ARCH_OVERRIDES[key]
+            raise TrainingSettingsError(f"--arch {key} is not set with --arch: "
+                                        + (f"use {instead}" if instead else "the tokenizer decides it"))
+        if key not in known:
+            raise TrainingSettingsError(f"--arch {show(key)} is not an architecture field; use one of "
+                                        f"{', '.join(sorted(known))}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if not is_int(value, low, high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise TrainingSettingsError(f"{_option(name)} {show(value)} is invalid: expected an integer {bound}")
+
 
 class ExpertLoad:
     """Counts tokens per expert through forward hooks on the gates, for the aux-loss-free bias update."""
@@ -110,7 +186,14 @@ class ExpertLoad:
 
 
 class Trainer:
+    """One training run: the data and model it prepares, the loop, its checkpoints and the export.
+
+    --max-minutes counts from the construction on: tokenizer training, data preparation and the continuations are
+    inside the budget, and the loop stops early enough for the final evaluation and the export to fit."""
+
     def __init__(self, settings: TrainSettings):
+        settings.validate()
+        self.started = time.time()
         self.s = settings
         self.out = Path(settings.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +212,13 @@ class Trainer:
         self.step, self.history = 0, []
         self._resume()
 
+    def elapsed(self) -> float:
+        """Seconds since this run started (what --max-minutes counts)."""
+        return time.time() - self.started
+
+    def _over_budget(self, reserve: float = 0.0) -> bool:
+        return self.s.max_minutes is not None and self.elapsed() + reserve > 60 * self.s.max_minutes
+
     def _prepare_data(self):
         """Tokenizer (trained once, or the --init checkpoint's) and token arrays for both splits."""
         data_dir = self.out / "data"
@@ -144,16 +234,32 @@ class Trainer:
         if self.s.init is not None and (Path(self.s.init) / "tokenizer.json").is_file() and not tok_file.is_file():
             shutil.copy(Path(self.s.init) / "tokenizer.json", tok_file)
             corpus.write_tokenizer_config(self.out)
-        tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else corpus.train_tokenizer(
-            split.train, self.s.vocab_size, tok_file)
+        if tok_file.is_file():
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        else:
+            tqdm.write(f"tokenizer: training a {self.s.vocab_size}-token byte-level BPE on {len(split.train)} files")
+            tokenizer = corpus.train_tokenizer(split.train, self.s.vocab_size, tok_file)
+            if tokenizer.get_vocab_size() < self.s.vocab_size:
+                tqdm.write(f"tokenizer: {tokenizer.get_vocab_size()} tokens (the corpus holds no more merges than "
+                           f"that; --vocab-size asked for {self.s.vocab_size})")
+        self._check_budget("preparing the tokenizer")
         arrays = []
         for name, part in (("train", split.train), ("held_out", split.held_out)):
             path = data_dir / f"{name}.npy"
             if not path.is_file():
+                tqdm.write(f"data: encoding the {len(part)} {name.replace('_', '-')} files into {path}")
                 np.save(path, corpus.encode_files(tokenizer, part))
             arrays.append(np.load(path))
         (data_dir / "held_out_files.txt").write_text("\n".join(map(str, split.held_out)) + "\n", encoding="utf-8")
+        self._check_budget("preparing the data")
         return tokenizer, arrays[0], arrays[1]
+
+    def _check_budget(self, stage: str) -> None:
+        """Stop before training when preparation alone used up --max-minutes (what it made is kept in OUT)."""
+        if self._over_budget():
+            raise MTPRuntimeError(
+                f"--max-minutes {self.s.max_minutes:g} ran out while {stage} ({self.elapsed() / 60:.1f} min); "
+                f"what is done is saved in {self.out}: rerun the same command (with more minutes) to go on")
 
     @property
     def depth(self) -> int:
@@ -166,8 +272,6 @@ class Trainer:
 
     def _continuations(self) -> np.ndarray:
         """The trunk's own continuations of training-split prompts, generated once per run folder."""
-        if not self.s.mtp_only:
-            raise MTPRuntimeError("--continuations needs --mtp-only: the continuations come from a trained trunk")
         if not 0 < self.s.continuation_prompt < self.window_length - 1:
             raise MTPRuntimeError(f"--continuation-prompt {self.s.continuation_prompt} must lie in "
                                   f"1..{self.window_length - 2} (the window is context + depth + 1 tokens)")
@@ -176,11 +280,13 @@ class Trainer:
         if not path.is_file():
             from ..runtime import Runtime
 
+            tqdm.write(f"data: generating {self.s.continuations} continuation windows with the trunk into {path}")
             runtime = Runtime(copy.deepcopy(self.model).to("cpu" if self.s.device == "cpu" else self.s.device))
             windows = generate_continuations(
                 runtime, self.train_ids, self.s.continuations, self.s.continuation_prompt, self.window_length,
                 seed=self.s.seed, temperature=self.s.continuation_temperature)
             np.save(path, windows)
+            self._check_budget("generating the continuations")
         return np.load(path)
 
     def _build_model(self):
@@ -194,17 +300,13 @@ class Trainer:
 
     def _build_mtp_only(self):
         """Frozen trunk from --init; its MTP modules are trained further where it has them, fresh otherwise."""
-        if self.s.init is None:
-            raise MTPRuntimeError("--mtp-only needs --init FOLDER: the checkpoint whose trunk gets MTP modules")
-        from ..runtime import Runtime
-
-        base = Runtime.from_folder(self.s.init, device="cpu", dtype="float32")
-        raw = json.loads((Path(self.s.init) / "config.json").read_text(encoding="utf-8"))
-        raw["num_nextn_predict_layers"] = self.s.num_mtp
+        folder = open_folder(self.s.init)
+        base = load_model(folder, torch.device("cpu"), torch.float32)
+        raw = dict(folder.raw_config, num_nextn_predict_layers=self.s.num_mtp)
         model = DeepseekForCausalLM(ModelConfig.from_dict(raw), num_mtp=self.s.num_mtp)
         init_weights(model)
         own = model.state_dict()
-        reused = {k: v for k, v in base.model.state_dict().items() if k in own and own[k].shape == v.shape}
+        reused = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(reused, strict=False)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("mtp.")
@@ -215,9 +317,13 @@ class Trainer:
         if not state_file.is_file():
             return
         state = torch.load(state_file, weights_only=False, map_location=self.s.device)
+        if state["step"] > self.s.steps:
+            raise TrainingSettingsError(f"{self.out} is already at step {state['step']}, past --steps {self.s.steps}; "
+                                        "raise --steps to go on, or train into a new --out")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
+        tqdm.write(f"resuming from step {self.step} ({state_file})")
 
     def _save_state(self) -> None:
         tmp = self.out / "train_state.pt.tmp"
@@ -244,23 +350,27 @@ class Trainer:
 
     def train(self) -> Path:
         """Run until `steps` (or max_minutes), evaluating and checkpointing; then export the HF folder."""
-        start = time.time()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         tokens_per_step = self.s.batch_size * self.s.context
+        reserve = 0.0  # what the final evaluation, checkpoint and export will take: measured as they happen
         while self.step < self.s.steps:
             t0 = time.time()
             metrics = self._train_step()
             self.step += 1
+            step_seconds = time.time() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['trunk']:.3f}", mtp=f"{metrics['mtp']:.3f}",
-                            acc1=f"{metrics['acc'][0]:.2f}", tok_s=f"{tokens_per_step / (time.time() - t0):.0f}")
+                            acc1=f"{metrics['acc'][0]:.2f}", tok_s=f"{tokens_per_step / step_seconds:.0f}")
+            t1 = time.time()
             if self.step % self.s.eval_every == 0 or self.step == self.s.steps:
-                self._evaluate(time.time() - start)
+                self._evaluate(self.elapsed())
             if self.step % self.s.save_every == 0:
                 self._save_state()
-            if self.s.max_minutes is not None and time.time() - start > 60 * self.s.max_minutes:
-                bar.write(f"stopping at step {self.step}: --max-minutes {self.s.max_minutes} reached")
-                self._evaluate(time.time() - start)
+            reserve = max(reserve, 2 * (time.time() - t1), 4 * step_seconds)
+            if self.step < self.s.steps and self._over_budget(reserve):
+                bar.write(f"stopping at step {self.step}: --max-minutes {self.s.max_minutes:g} reached (the "
+                          "final evaluation and the export fit in what is left)")
+                self._evaluate(self.elapsed())
                 break
         bar.close()
         self._save_state()

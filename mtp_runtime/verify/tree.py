@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationSettingsError
+from ..validate import is_int, show, wrong_type
 
 MAX_TREE_DEPTH = 16
 MAX_TREE_NODES = 1024
 """Bounds on a static shape: the depth, and the number of drafted nodes (the root not counted)."""
+MAX_SPEC_CHARS = 100_000
+"""Longest tree spec text accepted (far above the JSON of MAX_TREE_NODES paths of MAX_TREE_DEPTH ranks)."""
 
 
 @dataclass
@@ -96,7 +99,7 @@ class StaticTreeShape:
 def tree_from_branching(branching: list[int]) -> StaticTreeShape:
     """Full tree: the root has branching[0] children, each of them branching[1], and so on."""
     for width in branching:
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        if not is_int(width, 1):
             raise GenerationSettingsError(
                 f"tree branching {list(branching)} is invalid: every entry must be an integer >= 1")
     _check_depth(len(branching))
@@ -142,8 +145,11 @@ def parse_tree_spec(spec: str | list) -> StaticTreeShape:
     """"3,2,1" or [3, 2, 1] -> branching; "[[0], [1], [0, 0]]" (JSON) or a list of lists -> paths."""
     if isinstance(spec, str):
         spec = _parse_text(spec)
-    if not isinstance(spec, (list, tuple)) or len(spec) == 0:
-        raise GenerationSettingsError(f"tree spec {spec!r} is invalid: expected a non-empty list")
+    elif not isinstance(spec, (list, tuple)):
+        raise wrong_type("tree", spec, "a spec string such as '3,2,1', a list of branching factors or of "
+                                       "Medusa-style paths, or a StaticTreeShape")
+    if len(spec) == 0:
+        raise GenerationSettingsError(f"tree spec {show(spec)} is invalid: expected a non-empty list")
     if all(isinstance(entry, (list, tuple)) for entry in spec):
         return tree_from_paths([tuple(entry) for entry in spec])
     return tree_from_branching(list(spec))
@@ -151,21 +157,30 @@ def parse_tree_spec(spec: str | list) -> StaticTreeShape:
 
 def _parse_text(text: str) -> list:
     text = text.strip()
+    if len(text) > MAX_SPEC_CHARS:
+        raise GenerationSettingsError(f"tree spec of {len(text)} characters is too long: at most {MAX_SPEC_CHARS} "
+                                      f"(a tree has at most {MAX_TREE_NODES} drafted nodes)")
     if text.startswith("["):
         try:
-            return json.loads(text)
+            spec = json.loads(text)
+        except RecursionError:
+            raise GenerationSettingsError("tree spec is not valid: nested too deeply (paths are lists of ranks, "
+                                          "e.g. '[[0],[1],[0,0]]')") from None
         except json.JSONDecodeError as error:
-            raise GenerationSettingsError(f"tree spec {text!r} is not valid JSON: {error}") from None
+            raise GenerationSettingsError(f"tree spec {show(text)} is not valid JSON: {error}") from None
+        if not isinstance(spec, list):
+            raise GenerationSettingsError(f"tree spec {show(text)} is invalid: expected a JSON list of paths")
+        return spec
     try:
         return [int(part) for part in text.split(",")] if text else []
     except ValueError:
         raise GenerationSettingsError(
-            f"tree spec {text!r} is invalid: expected comma-separated integers such as '3,2,1'") from None
+            f"tree spec {show(text)} is invalid: expected comma-separated integers such as '3,2,1'") from None
 
 
 def _as_path(path) -> tuple[int, ...]:
     path = tuple(path)
-    if not path or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path):
+    if not path or not all(is_int(r, 0) for r in path):
         raise GenerationSettingsError(
             f"tree path {list(path)} is invalid: it must be a non-empty list of integer ranks >= 0")
     return path
