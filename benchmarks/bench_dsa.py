@@ -2,6 +2,11 @@
 attention time of one decoded token vs the context length, dense MLA vs DSA, on one random V3.2-shaped layer.
 
     python benchmarks/bench_dsa.py --threads 1 [--contexts 512,1024,...] [--repeats 5] [--json out.json]
+        [--trained FOLDER --held-out-ids IDS.npy]
+
+With --trained (a V3.2 folder, e.g. from `mtp-runtime train --indexer`) and its held-out token ids (the run's
+data/held_out.npy), FP8 indexer keys are also measured on that model: held-out loss through the cache and greedy
+continuations, FP8 vs full-precision keys.
 
 Attention is timed on one attention layer of DeepSeek-V3.2-Exp's shape (hidden 7168, 128 heads, kv_lora_rank 512,
 rope 64, q_lora_rank 1536; indexer 64 heads x 128, index_topk 2048) with random weights, over a cache filled with
@@ -263,6 +268,52 @@ def attention_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- FP8 keys, trained
+
+
+@torch.no_grad()
+def trained_fp8_rows(folder: Path, held_out: Path, windows: int = 32, length: int = 256, prompts: int = 8,
+                     new_tokens: int = 64, seed: int = 0) -> dict:
+    """Held-out next-token loss through the cache (a prefill of each window) and greedy continuations of held-out
+    prompts, with FP8 indexer keys vs keys in the model's dtype."""
+    import numpy as np
+
+    ids = np.load(held_out)
+    starts = np.random.default_rng(seed).integers(0, len(ids) - length - 1, size=windows)
+    batch = torch.from_numpy(np.stack([ids[i: i + length + 1].astype(np.int64) for i in starts]))
+    out = {}
+    continuations = {}
+    for fp8 in (False, True):
+        rt = mtp_runtime.load(folder, index_keys_fp8=fp8)
+        model, cfg = rt.model, rt.config
+        losses = []
+        for chunk in batch.split(8):
+            cache = rt.cache_layout.allocate(cfg.num_hidden_layers, chunk.shape[0], length, torch.float32, "cpu")
+            positions = torch.arange(length).expand(chunk.shape[0], length)
+            plan = AttentionPlan.over_cache(cache, positions, causal_visibility(chunk.shape[0], length, positions, 0),
+                                            impl="expanded")
+            logits = model.logits(model.forward_trunk(chunk[:, :-1], plan))
+            losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()).item())
+        out["fp8" if fp8 else "full"] = sum(losses) / len(losses)
+        starts_p = batch[:prompts, :64].tolist()
+        continuations[fp8] = [r.token_ids for r in rt.generate(input_ids=starts_p, max_new_tokens=new_tokens,
+                                                                draft="none", ignore_eos=True)]
+    same = sum(a == b for x, y in zip(continuations[False], continuations[True]) for a, b in zip(x, y))
+    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+             for x, y in zip(continuations[False], continuations[True])]
+    return {"topk": mtp_runtime.load(folder).config.indexer.topk, "windows": windows, "length": length,
+            "loss_full": out["full"], "loss_fp8": out["fp8"], "prompts": prompts, "new_tokens": new_tokens,
+            "same_positions": same / (prompts * new_tokens), "identical_prefix": first}
+
+
+def trained_fp8_table(r: dict) -> str:
+    return "\n".join([
+        f"| indexer keys | held-out loss ({r['windows']} windows x {r['length']} tokens, index_topk {r['topk']}) |",
+        "|---|---:|", f"| model dtype | {r['loss_full']:.4f} |", f"| FP8 + scales | {r['loss_fp8']:.4f} |", "",
+        f"Greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens: {100 * r['same_positions']:.1f}% of "
+        f"positions equal; tokens identical before the first difference: {r['identical_prefix']}"])
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -276,6 +327,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start no further context length once the attention timing has run this long")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-attention", action="store_true", help="only the parity and cache tables")
+    parser.add_argument("--trained", type=Path, help="a trained V3.2 folder to measure FP8 indexer keys on")
+    parser.add_argument("--held-out-ids", type=Path, help="its held-out token ids (.npy), with --trained")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser.parse_args(argv)
 
@@ -295,6 +348,9 @@ def main(argv=None) -> None:
         results["attention"] = attention_rows(contexts, args.repeats, args.seed, args.max_seconds)
         print("\n## Attention per decoded token, one V3.2-shaped layer, index_topk 2048 (fp32, ms)\n\n"
               + attention_table(results["attention"]))
+    if args.trained is not None:
+        results["trained_fp8"] = trained_fp8_rows(args.trained, args.held_out_ids)
+        print(f"\n## FP8 indexer keys on {args.trained}\n\n" + trained_fp8_table(results["trained_fp8"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -20,4 +20,5 @@ def require_indexers(files: CheckpointFiles, config: ModelConfig) -> None:
     raise CheckpointError(
         f"checkpoint {files.folder} stores no indexer tensors (model.layers.*.self_attn.indexer.*), which "
         f"model_type {config.model_type} needs for its sparse attention; use a DeepSeek-V3.2 checkpoint, or set "
-        "model_type to deepseek_v3 in config.json to run these weights with dense attention")
+        "model_type to deepseek_v3 in config.json to run these weights with dense attention (`mtp-runtime train "
+        "--indexer --init` on that folder trains indexers for them)")

@@ -44,23 +44,22 @@ class SparseMLA(MLA):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         kv = _linear(self.kv_a_proj_with_mqa, hidden)
         c_kv = self.kv_a_layernorm(kv[..., : self.latent_dim])  # [B, n, R]
-        index_keys = self.indexer.keys(hidden, rope)  # [B, n, D]
         if plan.cache is None:
             out = self._causal_sparse(q_nope, rope.apply(q_pe), c_kv, rope.apply(kv[..., self.latent_dim:]),
-                                      q_latent, hidden, index_keys, rope)
+                                      q_latent, hidden, rope)
         else:
-            out = self._over_cache(q_nope, q_pe, kv, c_kv, q_latent, hidden, index_keys, plan, rope)
+            out = self._over_cache(q_nope, q_pe, kv, c_kv, q_latent, hidden, plan, rope)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.v_dim))
 
-    def _over_cache(self, q_nope, q_pe, kv, c_kv, q_latent, hidden, index_keys, plan: AttentionPlan,
+    def _over_cache(self, q_nope, q_pe, kv, c_kv, q_latent, hidden, plan: AttentionPlan,
                     rope: RopeTables) -> torch.Tensor:
         cache = plan.cache
         if cache.index is None:
             raise MTPRuntimeError("a sparse-attention layer needs a cache with indexer keys; allocate it with "
-                             "CacheLayout.for_config(model.config)")
+                                  "CacheLayout.for_config(model.config)")
         k_pe = rope.rotate(kv[..., None, self.latent_dim:]).squeeze(-2)  # [B, n, dr]
         cache.write(self.layer_idx, plan.slots, torch.cat([c_kv, k_pe], dim=-1))
-        cache.index.write(self.layer_idx, plan.slots, index_keys)
+        cache.index.write(self.layer_idx, plan.slots, self.indexer.keys(hidden, rope))  # [B, n, D]
         keys = cache.read(self.layer_idx, plan.span)  # [B, S, R + dr]
         q_pe = rope.rotate(q_pe)
         topk = self.indexer.topk
@@ -96,7 +95,7 @@ class SparseMLA(MLA):
         out_lat = (probs @ picked[..., : self.latent_dim]).view(b, n, h, -1).transpose(1, 2)  # [B, heads, n, R]
         return (out_lat @ w_uv.transpose(-1, -2)).transpose(1, 2)  # [B, n, heads, dv]
 
-    def _causal_sparse(self, q_nope, q_pe, c_kv, k_pe, q_latent, hidden, index_keys, rope: RopeTables):
+    def _causal_sparse(self, q_nope, q_pe, c_kv, k_pe, q_latent, hidden, rope: RopeTables):
         """Cache-free causal attention over the new tokens, each query restricted to its top-k earlier tokens."""
         n = q_nope.shape[1]
         if n <= self.indexer.topk:
@@ -104,8 +103,8 @@ class SparseMLA(MLA):
         causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril().expand(hidden.shape[0], n, n)
         with torch.no_grad():
             queries, weights = self.indexer.queries(q_latent, hidden, rope)
-            selected = selection_mask(self.indexer.scores(queries, weights, index_keys, causal), causal,
-                                      self.indexer.topk)
+            scores = self.indexer.scores(queries, weights, self.indexer.keys(hidden, rope), causal)
+            selected = selection_mask(scores, causal, self.indexer.topk)
         k, v = self._decompress(c_kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = F.scaled_dot_product_attention(
