@@ -27,8 +27,8 @@ __all__ = ["__version__", "load", "generate", "Runtime", "GenerationResult", "Ge
 
 
 def load(path: str | Path | None = None, device=None, dtype=None, attention: str = "auto",
-         parallel=None, threads: int | None = None, compile: bool = False) -> Runtime:
-    """Load an HF-format DeepSeek-V2/V3 folder; path=None loads the shipped default model.
+         parallel=None, threads: int | None = None, compile: bool = False, index_keys_fp8: bool = False) -> Runtime:
+    """Load an HF-format DeepSeek-V2/V3/V3.2 folder; path=None loads the shipped default model.
 
     attention: the prefill kernel, 'auto' (flash-attn where installed and usable, else SDPA), 'flash' (an error
     if flash-attn cannot run here) or 'sdpa'.
@@ -36,6 +36,7 @@ def load(path: str | Path | None = None, device=None, dtype=None, attention: str
     torchrun); None keeps the whole model in this process.
     threads: torch CPU threads for this runtime's calls; None picks the fastest for the model (threads.py).
     compile: run batch-1 decoding steps compiled (`Runtime.compile`): faster once each step shape has compiled.
+    index_keys_fp8: store a DeepSeek-V3.2 model's indexer key cache in FP8 (a float32 scale per 128 values).
     """
     if not isinstance(compile, bool):
         raise wrong_type("compile", compile, "True or False")
@@ -45,7 +46,7 @@ def load(path: str | Path | None = None, device=None, dtype=None, attention: str
                 f"the shipped default model is missing at {DEFAULT_MODEL}; pass a model folder or reinstall")
         path = DEFAULT_MODEL
     runtime = Runtime.from_folder(path, device=device, dtype=dtype, attention=attention, parallel=parallel,
-                                  threads=threads)
+                                  threads=threads, index_keys_fp8=index_keys_fp8)
     if compile:
         runtime.compile()
     return runtime

@@ -1,8 +1,11 @@
-"""LatentCache: the only state that lives across decoding steps (per layer: normalised c_kv and roped k_pe)."""
+"""LatentCache: the only state that lives across decoding steps (per layer: normalised c_kv and roped k_pe, plus
+the sparse-attention indexer keys of DeepSeek-V3.2 models)."""
 
 from __future__ import annotations
 
 import torch
+
+from .index_cache import IndexKeys
 
 
 class LatentCache:
@@ -12,15 +15,21 @@ class LatentCache:
     token with one store and scores it against a query with one matmul. The model writes new entries into slots
     it is given but never changes `lengths`; only the decoding loop commits (`commit`), which is how speculative
     entries stay uncommitted until they are accepted.
+
+    With index_dim > 0 (DeepSeek Sparse Attention) `index` holds each slot's indexer key too, written by the same
+    forwards and moved by the same commit (FP8-stored with index_fp8).
     """
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", initial_length: int = 0):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", initial_length: int = 0,
+                 index_dim: int = 0, index_fp8: bool = False):
         self.capacity = capacity
         self.kv_lora_rank = kv_lora_rank
         self.latent = torch.zeros(num_layers, batch_size, capacity, kv_lora_rank + rope_dim, dtype=dtype,
                                   device=device)
         self.lengths = torch.full((batch_size,), initial_length, dtype=torch.long, device=device)
+        self.index = IndexKeys(num_layers, batch_size, capacity, index_dim, dtype, device, index_fp8) if index_dim \
+            else None
 
     @property
     def c_kv(self) -> torch.Tensor:
@@ -46,8 +55,9 @@ class LatentCache:
         return int(self.lengths.max()) if self.batch_size else 0
 
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies over all layers."""
-        return self.num_layers * self.latent.shape[-1] * self.latent.element_size()
+        """Bytes one token occupies over all layers (indexer keys included)."""
+        index = self.index.bytes_per_token() if self.index is not None else 0
+        return self.num_layers * self.latent.shape[-1] * self.latent.element_size() + index
 
     def write(self, layer: int, slots: torch.Tensor, entries: torch.Tensor) -> None:
         """Store new entries [B, n, kv_lora_rank + rope_dim] at slots [B, n] (uncommitted until `commit`).
@@ -74,9 +84,13 @@ class LatentCache:
             src = self.lengths[:, None] + offsets
             dst = self.lengths[:, None] + torch.arange(m, device=offsets.device)
             self.latent[:, rows, dst] = self.latent[:, rows, src]
+            if self.index is not None:
+                self.index.move(rows, src, dst)
         self.lengths += counts.to(self.lengths.device)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop every batch row not listed in rows (finished sequences stop costing work)."""
         self.latent = self.latent[:, rows].contiguous()
         self.lengths = self.lengths[rows].clone()
+        if self.index is not None:
+            self.index.keep_rows(rows)

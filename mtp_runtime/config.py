@@ -1,4 +1,4 @@
-"""ModelConfig: the architecture of a DeepSeek-V2/V3 checkpoint, read from its HF config.json."""
+"""ModelConfig: the architecture of a DeepSeek-V2/V3/V3.2 checkpoint, read from its HF config.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 from .errors import ConfigError
 from .validate import finite_float, is_int, read_json, show
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+SPARSE_MODEL_TYPES = ("deepseek_v32",)
+"""Model types with DeepSeek Sparse Attention (a lightning indexer in every attention layer)."""
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -28,6 +30,10 @@ MAX_HEAD_SIZE = 2**16
 MAX_WIDTH = 2**20
 """Hidden and intermediate sizes, ranks, vocabulary, expert counts."""
 MAX_INT = 2**31 - 1
+INDEX_FP8_BLOCK = 128
+"""Indexer keys stored in FP8 carry one float32 scale per this many values (DeepSeek's layout)."""
+ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "deepseek_v32": "DeepseekV32ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,19 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2): every attention layer's lightning indexer scores each query
+    against the earlier tokens and the query attends to the `topk` best only. Defaults are transformers'."""
+
+    n_heads: int = 64
+    """Indexer query heads (config.json `index_n_heads`)."""
+    head_dim: int = 128
+    """Width of each indexer query head and of the one cached indexer key per token (`index_head_dim`)."""
+    topk: int = 2048
+    """Keys each query attends to (`index_topk`)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Every architecture field of a DeepSeek-V2/V3 model."""
 
@@ -122,6 +141,8 @@ class ModelConfig:
     """Number of MTP modules stored after the trunk layers."""
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    indexer: IndexerConfig | None = None
+    """DeepSeek Sparse Attention (deepseek_v32); None for dense MLA."""
 
     @property
     def qk_head_dim(self) -> int:
@@ -147,6 +168,15 @@ class ModelConfig:
         """Cache bytes per token over all trunk layers: c_kv plus k_pe."""
         return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * bytes_per_element
 
+    def index_key_bytes_per_token(self, bytes_per_element: int = 2, fp8: bool = False) -> int:
+        """Indexer key cache bytes per token over all trunk layers (0 without an indexer); FP8 stores one byte per
+        value plus a float32 scale per 128 values."""
+        if self.indexer is None:
+            return 0
+        dim = self.indexer.head_dim
+        per_layer = dim + 4 * math.ceil(dim / INDEX_FP8_BLOCK) if fp8 else dim * bytes_per_element
+        return self.num_hidden_layers * per_layer
+
     def expanded_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """What a cache of decompressed per-head K and V would need per token."""
         per_layer = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
@@ -166,8 +196,11 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json fields transformers' DeepseekV3Config / DeepseekV2Config read."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rope"}
-        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rope", "indexer")}
+        out["architectures"] = [ARCHITECTURES[self.model_type]]
+        if self.indexer is not None:
+            out.update(index_n_heads=self.indexer.n_heads, index_head_dim=self.indexer.head_dim,
+                       index_topk=self.indexer.topk)
         rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
         if self.rope.type == "yarn":
             rope.update(factor=self.rope.factor, beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow,
@@ -198,11 +231,15 @@ def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
             f"{source}: unsupported model_type {show(model_type)}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     missing = [name for name in REQUIRED_FIELDS if name not in raw]
-    if "q_lora_rank" not in raw and model_type == "deepseek_v3":
+    if "q_lora_rank" not in raw and model_type != "deepseek_v2":
         missing.append("q_lora_rank")
     if missing:
         raise ConfigError(f"{source}: required field(s) missing: {', '.join(missing)}")
-    is_v3 = model_type == "deepseek_v3"
+    sparse = model_type in SPARSE_MODEL_TYPES
+    if sparse and raw["q_lora_rank"] is None:
+        raise ConfigError(f"{source}: q_lora_rank=None, but {model_type} needs q_lora_rank (its indexer reads the "
+                          "query latent); set it to the width of the checkpoint's q_a_proj")
+    is_v3 = model_type != "deepseek_v2"
     defaults = {
         "q_lora_rank": 1536,
         "topk_method": "noaux_tc" if is_v3 else "greedy",
@@ -214,7 +251,7 @@ def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
     }
     values: dict[str, Any] = {"model_type": model_type}
     for f in fields(ModelConfig):
-        if f.name in ("model_type", "rope"):
+        if f.name in ("model_type", "rope", "indexer"):
             continue
         if f.name in raw:
             value = raw[f.name]
@@ -227,9 +264,29 @@ def _parse(raw: dict[str, Any], source: str = "config") -> ModelConfig:
         values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
     _check_types(values, source)
     values["rope"] = _parse_rope(raw, source)
+    values["indexer"] = _parse_indexer(raw, source) if sparse else None
     config = ModelConfig(**values)
     _check_consistency(config, source)
     return config
+
+
+_INDEXER_FIELDS = {"index_n_heads": ("n_heads", MAX_HEAD_SIZE), "index_head_dim": ("head_dim", MAX_HEAD_SIZE),
+                   "index_topk": ("topk", MAX_INT)}
+"""config.json name -> (IndexerConfig field, upper bound); each must be an integer of at least 1."""
+
+
+def _parse_indexer(raw: dict[str, Any], source: str) -> IndexerConfig:
+    """The indexer fields of a deepseek_v32 config (transformers' defaults where absent)."""
+    defaults = IndexerConfig()
+    values, bad = {}, []
+    for key, (name, high) in _INDEXER_FIELDS.items():
+        value = raw.get(key, getattr(defaults, name))
+        if not is_int(value, 1, high):
+            bad.append(f"{key}={show(value)} (expected an integer in 1..{high})")
+        values[name] = value
+    if bad:
+        raise ConfigError(f"{source}: invalid field(s): {'; '.join(bad)}")
+    return IndexerConfig(**values)
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
@@ -343,6 +400,8 @@ def _check_consistency(config: ModelConfig, source: str) -> None:
             problems.append(f"{name} must be positive")
     if config.qk_rope_head_dim % 2:
         problems.append("qk_rope_head_dim must be even")
+    if config.indexer is not None and config.indexer.head_dim < config.qk_rope_head_dim:
+        problems.append("index_head_dim must be at least qk_rope_head_dim (the indexer ropes that many dims)")
     if config.n_routed_experts:
         if config.num_experts_per_tok > config.n_routed_experts:
             problems.append("num_experts_per_tok exceeds n_routed_experts")

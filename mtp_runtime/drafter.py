@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
+from .cache_layout import CacheLayout
 from .forwards import Forwards
 from .model.plan import AttentionPlan, attention_impl
 from .numerics import ensure_finite
@@ -140,9 +141,10 @@ class Drafter:
     accepted slots; both draft the next tree in the same forwards."""
 
     def __init__(self, forwards: Forwards, draft: DraftParams, sampling: SamplingParams,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, cache_layout: CacheLayout | None = None):
         self.forwards = forwards
         self.model = forwards.model
+        self.cache_layout = cache_layout if cache_layout is not None else CacheLayout.for_config(self.model.config)
         self.draft_params = draft
         self.sampling = sampling
         self.generator = generator
@@ -158,9 +160,8 @@ class Drafter:
         """Fill every module's cache for slots [j, P] (next_tokens [B, P] holds t_1..t_P per row, padded) and
         draft the first tree from roots [B] (of `params`, the drafter's own by default; None: no tree)."""
         b, _, h = trunk_hidden.shape
-        cfg = self.model.config
-        cache = LatentCache(self.num_modules, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                            trunk_hidden.dtype, trunk_hidden.device, initial_length=1)
+        cache = self.cache_layout.allocate(self.num_modules, b, capacity, trunk_hidden.dtype, trunk_hidden.device,
+                                           initial_length=1)
         no_earlier_output = trunk_hidden.new_zeros(self.num_modules, b, h)  # slot 0 is never valid
         state = MTPState(cache, no_earlier_output)
         if params is None and self.draft_params.mode == "auto":

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from .cache import LatentCache
+from .cache_layout import CacheLayout
 from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
 from .auto_draft import AutoDraft, ModelledCosts, StepCosts
@@ -58,8 +59,9 @@ class Engine:
 
     def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
                  stop_checker: StopChecker | None = None, flash_prefill: bool = True, forwards: Forwards | None = None,
-                 step_costs: StepCosts | None = None):
+                 step_costs: StepCosts | None = None, cache_layout: CacheLayout | None = None):
         self.model = model
+        self.cache_layout = cache_layout if cache_layout is not None else CacheLayout.for_config(model.config)
         self.forwards = forwards if forwards is not None else Forwards(model)
         self.flash_prefill = flash_prefill  # False keeps the prefill on SDPA even where flash-attn could run
         self.request = request
@@ -70,7 +72,8 @@ class Engine:
         self.drafting = request.draft.mode != "none"
         if self.drafting and model.num_mtp == 0:
             raise NoMTPModulesError()
-        self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator) if self.drafting else None
+        self.drafter = Drafter(self.forwards, request.draft, request.sampling, self.generator,
+                               self.cache_layout) if self.drafting else None
         self.chain = request.draft.chains_only  # a commit never moves entries
         self.auto = None
         if request.draft.mode == "auto":
@@ -121,7 +124,7 @@ class Engine:
         lens = torch.tensor([len(x) for x in prompts], dtype=torch.long, device=device)
         cfg = self.model.config
         dtype = self.model.lm_head.weight.dtype
-        trunk = LatentCache(cfg.num_hidden_layers, b, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        trunk = self.cache_layout.allocate(cfg.num_hidden_layers, b, capacity, dtype, device)
         positions = torch.arange(p, device=device).expand(b, p)
         plan = AttentionPlan.over_cache(trunk, positions, causal_visibility(b, p, positions, 0),
                                         impl=attention_impl(p), causal_only=self.flash_prefill)

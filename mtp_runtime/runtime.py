@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cache_layout import CacheLayout
 from .auto_draft import StepCosts
 from .checkpoint import load_model, open_folder
 from .config import ModelConfig
@@ -122,10 +123,11 @@ def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) 
 
 
 class Runtime:
-    """A loaded DeepSeek-V2/V3 checkpoint, ready to score and generate."""
+    """A loaded DeepSeek-V2/V3/V3.2 checkpoint, ready to score and generate."""
 
     def __init__(self, model: DeepseekForCausalLM, tokenizer=None, path: Path | None = None,
-                 attention: str = "auto", parallel: ParallelGroup | None = None, threads: int | None = None):
+                 attention: str = "auto", parallel: ParallelGroup | None = None, threads: int | None = None,
+                 index_keys_fp8: bool = False):
         self.model = model.eval().requires_grad_(False)  # inference only; ops on grad-free weights dispatch faster
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -137,6 +139,11 @@ class Runtime:
         """How decoding steps run their forwards: eagerly, or compiled after `compile()`."""
         self.step_costs = StepCosts()
         """Measured step times per draft depth, which draft='auto' chooses by; kept across calls."""
+        if index_keys_fp8 and self.config.indexer is None:
+            raise ConfigError(f"index_keys_fp8 applies to sparse-attention models (deepseek_v32), not "
+                              f"{self.config.model_type}; leave it off")
+        self.cache_layout = CacheLayout.for_config(self.config, index_fp8=index_keys_fp8)
+        """What the caches hold per slot; DeepSeek-V3.2's indexer keys optionally in FP8 (index_keys_fp8)."""
         self._threads = check_threads(threads)
 
     @property
@@ -154,6 +161,9 @@ class Runtime:
         if self.device.type != "cpu":
             raise DeviceError(f"compiled decoding is implemented and tested on the CPU only, not {self.device.type}; "
                               "run without --compile")
+        if self.config.indexer is not None:
+            raise ConfigError(f"compiled decoding is not implemented for {self.config.model_type} (sparse "
+                              "attention), which decodes eagerly; run without --compile (bench: --no-compile)")
         from .compiled import CompiledForwards
 
         if not self.forwards.compiled:
@@ -161,11 +171,13 @@ class Runtime:
 
     @classmethod
     def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",
-                    parallel: ParallelGroup | None = None, threads: int | None = None) -> "Runtime":
+                    parallel: ParallelGroup | None = None, threads: int | None = None,
+                    index_keys_fp8: bool = False) -> "Runtime":
         """Load config.json, the safetensors weights (memory-mapped, one tensor at a time) and tokenizer.json.
 
         With `parallel`, every rank loads the full checkpoint and then keeps only its share of the attention
         heads, experts and MLP channels (see mtp_runtime.parallel); every rank must then make the same calls.
+        index_keys_fp8 stores a sparse-attention model's indexer keys in FP8 (see CacheLayout).
         """
         if not isinstance(path, (str, Path)):
             raise wrong_type("path", path, "a model folder (str or Path), or None for the shipped model", ConfigError)
@@ -182,7 +194,7 @@ class Runtime:
         model = load_model(folder, device, dtype)
         if parallel is not None:
             shard_model(model, parallel)
-        return cls(model, tokenizer, folder.path, attention, parallel, threads)
+        return cls(model, tokenizer, folder.path, attention, parallel, threads, index_keys_fp8)
 
     @property
     def device(self) -> torch.device:
@@ -198,8 +210,10 @@ class Runtime:
         return self.model.num_mtp
 
     def cache_bytes_per_token(self) -> int:
-        """Latent cache bytes per token of the trunk in this runtime's dtype."""
-        return self.config.latent_cache_bytes_per_token(self.model.lm_head.weight.element_size())
+        """Cache bytes per token of the trunk in this runtime's dtype: the latent, plus any indexer keys."""
+        size = self.model.lm_head.weight.element_size()
+        return (self.config.latent_cache_bytes_per_token(size)
+                + self.config.index_key_bytes_per_token(size, self.cache_layout.index_fp8))
 
     def logits(self, input_ids) -> torch.Tensor:
         """Trunk logits [B, T, vocab] (float32) of full sequences of one length, without a cache."""
@@ -279,7 +293,7 @@ class Runtime:
         texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
         stops = StopStrings(texts) if request.stop_strings else None
         engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa", forwards=self.forwards,
-                        step_costs=self.step_costs)
+                        step_costs=self.step_costs, cache_layout=self.cache_layout)
         finish = ["length"] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
         for step in engine.run(prompts):

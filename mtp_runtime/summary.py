@@ -18,7 +18,15 @@ def attention_params(cfg) -> int:
         q = h * heads * cfg.qk_head_dim
     latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     kv = (h + bias) * latent + cfg.kv_lora_rank + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return q + kv + heads * cfg.v_head_dim * h + bias * h + 2 * h  # + o_proj, two norms
+    return q + kv + heads * cfg.v_head_dim * h + bias * h + 2 * h + indexer_params(cfg)  # + o_proj, two norms
+
+
+def indexer_params(cfg) -> int:
+    """Parameters of one sparse-attention indexer (0 without): wq_b, wk, the key LayerNorm and weights_proj."""
+    if cfg.indexer is None:
+        return 0
+    heads, dim = cfg.indexer.n_heads, cfg.indexer.head_dim
+    return cfg.q_lora_rank * heads * dim + cfg.hidden_size * dim + 2 * dim + cfg.hidden_size * heads
 
 
 def layer_params(cfg, layer_idx: int) -> tuple[int, float]:
@@ -59,17 +67,20 @@ def model_summary(path: Path) -> dict:
     mtp = mtp_layout(folder, CheckpointFiles(folder.path) if has_weights else None)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     latent, expanded = cfg.latent_cache_bytes_per_token(2), cfg.expanded_cache_bytes_per_token(2)
+    index_keys = cfg.index_key_bytes_per_token(2)
     tokenizer = load_tokenizer(folder.path)
     return {
         "model": str(folder.path), "model_type": cfg.model_type,
         "layers": {"total": cfg.num_hidden_layers, "dense": cfg.num_hidden_layers - moe_layers, "moe": moe_layers},
         "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "attention": _attention(cfg), "moe": _moe(cfg), "rope": _rope(cfg),
+        "attention": _attention(cfg), "indexer": _indexer(cfg), "moe": _moe(cfg), "rope": _rope(cfg),
         "parameters": parameter_counts(cfg, mtp),
         "mtp_depth": mtp.depth, "mtp_modules_stored": mtp.stored,
-        "cache_bytes_per_token": {"dtype": "bfloat16", "latent": latent, "expanded_kv": expanded,
-                                  "ratio": expanded / latent},
+        "cache_bytes_per_token": {"dtype": "bfloat16", "latent": latent, "index_keys": index_keys,
+                                  "index_keys_fp8": cfg.index_key_bytes_per_token(fp8=True),
+                                  "total": latent + index_keys, "expanded_kv": expanded,
+                                  "ratio": expanded / (latent + index_keys)},
         "tokenizer_vocab_size": len(tokenizer) if tokenizer is not None else None,
     }
 
@@ -78,6 +89,13 @@ def _attention(cfg) -> dict:
     return {"heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
             "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
             "v_head_dim": cfg.v_head_dim}
+
+
+def _indexer(cfg) -> dict | None:
+    if cfg.indexer is None:
+        return None
+    return {"heads": cfg.indexer.n_heads, "head_dim": cfg.indexer.head_dim, "topk": cfg.indexer.topk,
+            "parameters_per_layer": indexer_params(cfg)}
 
 
 def _moe(cfg) -> dict | None:

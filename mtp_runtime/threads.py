@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .cache import LatentCache
+from .cache_layout import CacheLayout
 from .errors import GenerationSettingsError
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
@@ -78,8 +78,8 @@ def _step_seconds(model: DeepseekForCausalLM) -> float:
     """The fastest of a few one-token trunk steps over a short cache."""
     cfg = model.config
     device = model.lm_head.weight.device
-    cache = LatentCache(cfg.num_hidden_layers, 1, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                        model.lm_head.weight.dtype, device, initial_length=32)
+    cache = CacheLayout.for_config(cfg).allocate(cfg.num_hidden_layers, 1, 64, model.lm_head.weight.dtype, device,
+                                                 initial_length=32)
     tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
     plan = AttentionPlan.over_cache(cache, cache.lengths[:, None], torch.ones(1, 1, 1, dtype=torch.bool, device=device))
     best = float("inf")

@@ -29,6 +29,9 @@ TINY_V3 = dict(
     bos_token_id=None, eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 
+TINY_V32 = dict(model_type="deepseek_v32", index_n_heads=2, index_head_dim=8, index_topk=3)
+"""Overrides that make TINY_V3 a DeepSeek-V3.2 model: sparse attention with 2 indexer heads choosing 3 keys."""
+
 
 def tiny_config(vocab: int = 64, num_mtp: int = 2, **overrides) -> ModelConfig:
     """The tiny DeepSeek-V3 architecture every engine test uses."""

@@ -65,13 +65,13 @@ def fp8_case(tmp_path_factory) -> FP8Case:
 
 @pytest.fixture(scope="session")
 def drafter_case(tmp_path_factory):
-    """Factory: (damping, num_mtp_layers) -> (hf_model, folder) with bigram MTP drafters, each built once."""
+    """Factory: (damping, num_mtp_layers[, case]) -> (hf_model, folder) with bigram MTP drafters, each built once."""
     built: dict[tuple, tuple] = {}
 
-    def get(damping: float, num_layers: int):
-        key = (damping, num_layers)
+    def get(damping: float, num_layers: int, case: str = "v3_grouped"):
+        key = (damping, num_layers, case)
         if key not in built:
-            built[key] = make_drafter_case(tmp_path_factory.mktemp("drafter"), damping, num_layers)
+            built[key] = make_drafter_case(tmp_path_factory.mktemp("drafter"), damping, num_layers, case=case)
         return built[key]
 
     return get

@@ -1,6 +1,6 @@
-"""Tiny random DeepSeek-V2/V3 reference models from transformers, and checkpoint layouts built from them.
+"""Tiny random DeepSeek-V2/V3/V3.2 reference models from transformers, and checkpoint layouts built from them.
 
-`make_v3` / `make_v2` build a random model with weights large enough that logits are not flat and
+`make_v3` / `make_v2` / `make_v32` build a random model with weights large enough that logits are not flat and
 routing differs across tokens, save it with `save_pretrained` (per-expert single file) and return
 both. `resave` rewrites a saved folder as another layout (sharded, fused experts, FP8 block-scaled),
 and `add_mtp_layers` appends random MTP modules the way DeepSeek-V3 checkpoints store them.
@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import (
+    DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config,
+    DeepseekV32ForCausalLM,
+)
 
 WEIGHT_STD = 0.15
 NORM_STD = 0.1
@@ -36,6 +39,10 @@ COMMON = dict(
 V3_BASE = dict(COMMON, n_group=1, topk_group=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
                norm_topk_prob=True, num_nextn_predict_layers=0)
 V2_BASE = dict(COMMON, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=2.0)
+# DeepSeek-V3.2: index_topk well below the test sequences (12 to 23 tokens), so the selection matters; 8 indexer
+# heads make exact score ties (no head firing) rare, since transformers' topk breaks ties arbitrarily.
+V32_BASE = dict(COMMON, n_group=1, topk_group=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
+                norm_topk_prob=True, index_n_heads=8, index_head_dim=16, index_topk=4)
 
 YARN_V3 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
@@ -52,6 +59,15 @@ CASES = {
                           "first_k_dense_replace": 1, "q_lora_rank": 24}),
     "v2_lite_yarn": ("v2", {"rope_parameters": YARN_V2_LITE, "first_k_dense_replace": 1}),
 }
+# DeepSeek-V3.2 cases; the V3.2 parity tests run over these.
+V32_CASES = {
+    "v32": ("v32", {}),
+    "v32_grouped_yarn": ("v32", {"first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "index_topk": 6,
+                                 "rope_parameters": YARN_V3}),
+}
+FAMILIES = {"v2": (DeepseekV2Config, DeepseekV2ForCausalLM, V2_BASE),
+            "v3": (DeepseekV3Config, DeepseekV3ForCausalLM, V3_BASE),
+            "v32": (DeepseekV32Config, DeepseekV32ForCausalLM, V32_BASE)}
 # Wider than 128 in several weights so FP8 uses more than one (partial) block per matrix.
 FP8_OVERRIDES = {"num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 160,
                  "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1}
@@ -67,11 +83,16 @@ def make_v2(tmp: str | Path, seed: int = 0, **overrides):
     return _make(DeepseekV2Config, DeepseekV2ForCausalLM, dict(V2_BASE, **overrides), tmp, seed)
 
 
+def make_v32(tmp: str | Path, seed: int = 0, **overrides):
+    """A random DeepseekV32ForCausalLM saved under `tmp`; returns (hf_model, folder)."""
+    return _make(DeepseekV32Config, DeepseekV32ForCausalLM, dict(V32_BASE, **overrides), tmp, seed)
+
+
 def make_case(name: str, tmp: str | Path, seed: int = 0):
-    """Build one of CASES by name."""
-    family, overrides = CASES[name]
-    maker = make_v3 if family == "v3" else make_v2
-    return maker(tmp, seed=seed, **overrides)
+    """Build one of CASES or V32_CASES by name."""
+    family, overrides = {**CASES, **V32_CASES}[name]
+    config_cls, model_cls, base = FAMILIES[family]
+    return _make(config_cls, model_cls, dict(base, **overrides), tmp, seed)
 
 
 def _make(config_cls, model_cls, values: dict, tmp: str | Path, seed: int):
@@ -107,7 +128,7 @@ def _random_like(name: str, shape, generator: torch.Generator | None = None) -> 
 
 def load_reference(folder: str | Path, family: str = "v3"):
     """Load a per-expert folder back into transformers (eager attention and experts, float32)."""
-    model_cls = DeepseekV3ForCausalLM if family == "v3" else DeepseekV2ForCausalLM
+    model_cls = FAMILIES[family][1]
     return model_cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
                                      experts_implementation="eager").eval()
 
@@ -228,9 +249,11 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def is_fp8_target(name: str, tensor: torch.Tensor) -> bool:
-    """Quantize 2-D Linear weights inside self_attn / mlp; keep norms, embeddings, lm_head, router in float."""
+    """Quantize 2-D Linear weights inside self_attn / mlp; keep norms, embeddings, lm_head, router and the indexer's
+    head weights (DeepSeek-V3.2 keeps weights_proj in bf16) in float."""
     inside = ".self_attn." in name or ".mlp." in name
-    return inside and name.endswith(".weight") and tensor.dim() == 2 and not name.endswith(".mlp.gate.weight")
+    kept = name.endswith((".mlp.gate.weight", ".indexer.weights_proj.weight"))
+    return inside and name.endswith(".weight") and tensor.dim() == 2 and not kept
 
 
 def quantize_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -346,9 +369,9 @@ def make_bigram_drafters(folder: str | Path) -> None:
     write_tensors(folder, tensors, shards=len(weight_files(folder)))
 
 
-def make_drafter_case(tmp: str | Path, damping: float, num_layers: int, seed: int = 0):
-    """The "v3_grouped" model damped by `damping`, with `num_layers` bigram MTP drafters; (hf_model, folder)."""
-    model, folder = make_case("v3_grouped", tmp, seed=seed)
+def make_drafter_case(tmp: str | Path, damping: float, num_layers: int, seed: int = 0, case: str = "v3_grouped"):
+    """The `case` model damped by `damping`, with `num_layers` bigram MTP drafters; (hf_model, folder)."""
+    model, folder = make_case(case, tmp, seed=seed)
     damp_residual_writes_(model, damping)
     model.save_pretrained(folder)
     add_mtp_layers(folder, num_layers, seed=seed + 1, own_head=num_layers > 1)

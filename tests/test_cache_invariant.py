@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builders import build_model
+from builders import TINY_V32, build_model
 from mtp_runtime.cache import LatentCache
 from mtp_runtime.engine import Engine
+from mtp_runtime.index_cache import IndexKeys
 from mtp_runtime.params import DraftParams, GenerationRequest
 
 ATOL = 1e-4
@@ -37,6 +38,12 @@ def random_model():
     return build_model(num_mtp=2, seed=0)
 
 
+@pytest.fixture(scope="module")
+def sparse_mostly_right():
+    """DeepSeek-V3.2 (sparse attention, index_topk 3 of up to 40 keys): the caches hold indexer keys too."""
+    return build_model(num_mtp=2, seed=3, context_scale=0.01, norm_std=0.0, eh_noise=0.0, **TINY_V32)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
     return float((a - b).abs().max()) if a.numel() else 0.0
@@ -55,6 +62,8 @@ def check_against_fresh_prefill(model, request, batch, prompts) -> None:
         trunk, ref = batch.trunk, fresh.trunk
         assert max_diff(trunk.c_kv[:, row, :length], ref.c_kv[:, 0, :length]) <= ATOL
         assert max_diff(trunk.k_pe[:, row, :length], ref.k_pe[:, 0, :length]) <= ATOL
+        if trunk.index is not None:
+            assert max_diff(trunk.index.keys[:, row, :length], ref.index.keys[:, 0, :length]) <= ATOL
         mtp, ref_mtp = batch.mtp, fresh.mtp
         assert int(mtp.cache.lengths[row]) == length + 1 == int(ref_mtp.cache.lengths[0])
         for j in range(1, model.num_mtp + 1):
@@ -62,6 +71,9 @@ def check_against_fresh_prefill(model, request, batch, prompts) -> None:
             got_k, want_k = mtp.cache.k_pe[j - 1, row, j: length + 1], ref_mtp.cache.k_pe[j - 1, 0, j: length + 1]
             assert max_diff(got_c, want_c) <= ATOL, (j, seq, length)
             assert max_diff(got_k, want_k) <= ATOL, (j, seq, length)
+            if mtp.cache.index is not None:
+                got_i = mtp.cache.index.keys[j - 1, row, j: length + 1]
+                assert max_diff(got_i, ref_mtp.cache.index.keys[j - 1, 0, j: length + 1]) <= ATOL, (j, seq, length)
         assert max_diff(mtp.stash[:, row], ref_mtp.stash[:, 0]) <= ATOL
 
 
@@ -118,3 +130,21 @@ def test_the_check_detects_a_wrong_commit(mostly_right, monkeypatch):
     monkeypatch.setattr(LatentCache, "commit", first_entries)
     with pytest.raises(AssertionError):
         drive(mostly_right, DraftParams.build("tree", tree="3,2,1"), PROMPTS, max_new_tokens=30)
+
+
+@pytest.mark.parametrize("draft", [
+    DraftParams.build("chain", 3),
+    DraftParams.build("tree", tree="3,2,1"),
+    DraftParams.build("dynamic", 12, depth=5),
+], ids=["chain3", "tree321", "dynamic12x5"])
+def test_sparse_caches_and_indexer_keys_equal_fresh_prefill_after_every_step(sparse_mostly_right, draft):
+    long_prompt = [(7 * i + 3) % 64 for i in range(40)]  # prefilled with the masked dense path
+    committed = drive(sparse_mostly_right, draft, PROMPTS[1:] + [long_prompt], max_new_tokens=20)
+    assert max(committed) >= 3, committed
+
+
+def test_the_check_detects_a_wrong_indexer_key_commit(sparse_mostly_right, monkeypatch):
+    """Power check: a commit that moves the latents but not the indexer keys must be caught."""
+    monkeypatch.setattr(IndexKeys, "move", lambda self, rows, src, dst: None)
+    with pytest.raises(AssertionError):
+        drive(sparse_mostly_right, DraftParams.build("tree", tree="3,2,1"), PROMPTS, max_new_tokens=30)

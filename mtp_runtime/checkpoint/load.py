@@ -14,7 +14,7 @@ from .fp8 import DEFAULT_BLOCK_SIZE, checked_block, dequantize_fp8
 from .names import EMBED, LM_HEAD, SCALE_SUFFIX, Source
 from .plan import Planner
 
-FP32_NAMES = ("e_score_correction_bias",)
+FP32_NAMES = ("e_score_correction_bias", "indexer.weights_proj.weight")
 """Endings of our names that stay float32 whatever dtype is requested."""
 
 

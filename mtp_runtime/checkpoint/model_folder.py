@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import DeepseekForCausalLM
 from .files import CheckpointFiles
 from .fp8 import weight_block_size
+from .indexer import require_indexers
 from .load import load_state_dict
 
 log = logging.getLogger("mtp_runtime")
@@ -85,6 +86,7 @@ def load_model(folder: ModelFolder, device: torch.device, dtype: torch.dtype) ->
     """The folder's weights (memory-mapped, one tensor at a time) in a model on `device`, floats as `dtype`."""
     config = folder.config
     files = CheckpointFiles(folder.path)
+    require_indexers(files, config)
     layout = mtp_layout(folder, files)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config, layout.depth, mtp_own_head=layout.own_head,

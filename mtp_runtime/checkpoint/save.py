@@ -32,9 +32,11 @@ class _Unit:
 
 
 def _quantizable(raw: str, tensor: torch.Tensor) -> bool:
-    """Whether fp8 export quantizes this tensor: a 2-D Linear weight inside self_attn or mlp (not the router)."""
+    """Whether fp8 export quantizes this tensor: a 2-D Linear weight inside self_attn or mlp (not the router, nor the
+    sparse-attention indexer's head weights, which DeepSeek-V3.2 keeps in bf16)."""
     return (tensor.dim() == 2 and tensor.is_floating_point() and raw.endswith(".weight")
-            and (".self_attn." in raw or ".mlp." in raw) and not raw.endswith(".mlp.gate.weight")
+            and (".self_attn." in raw or ".mlp." in raw)
+            and not raw.endswith((".mlp.gate.weight", ".indexer.weights_proj.weight"))
             and "norm" not in raw.rsplit(".", 2)[-2])
 
 

@@ -56,7 +56,7 @@ def _options(*decorators):
 
 model_options = _options(
     click.option("--model", type=click.Path(path_type=Path), default=None, show_default="the shipped model",
-                 help="HF-format DeepSeek-V2/V3 folder (config.json, *.safetensors, tokenizer.json)."),
+                 help="HF-format DeepSeek-V2/V3/V3.2 folder (config.json, *.safetensors, tokenizer.json)."),
     click.option("--device", default=None, show_default="cuda if available, else cpu",
                  help="torch device, e.g. cpu, cuda, cuda:1."),
     click.option("--dtype", default=None, show_default="bfloat16 on cuda, float32 on cpu",

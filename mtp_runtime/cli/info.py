@@ -1,4 +1,5 @@
-"""`mtp-runtime info`: a model folder's architecture, parameter counts, MTP depth and cache size."""
+"""`mtp-runtime info`: a model folder's architecture (the sparse-attention indexer included), parameter counts, MTP
+depth and cache size."""
 
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ def format_summary(s: dict) -> str:
         ("layers", f"{s['layers']['total']} ({s['layers']['dense']} dense + {s['layers']['moe']} MoE), hidden "
                    f"{s['hidden_size']}, vocab {s['vocab_size']}, {s['max_position_embeddings']} positions"),
         ("attention", _attention(s["attention"])),
+        *([("indexer", _indexer(s["indexer"]))] if s["indexer"] else []),
         ("moe", _moe(s["moe"])),
         ("rope", _rope(s["rope"])),
         ("parameters", f"{_count(p['total'])} total, {_count(p['active_per_token'])} active per token "
                        "(routed experts counted k/E)"),
         ("mtp", f"depth {s['mtp_depth']}{'' if s['mtp_modules_stored'] else ' (per config; no weights found)'}, "
                 f"{_count(p['mtp_total'])} parameters, {_count(p['mtp_active_per_token'])} active per token"),
-        ("cache/token", f"{c['latent']:,} B latent (c_kv + k_pe) vs {c['expanded_kv']:,} B decompressed K/V in "
-                        f"{c['dtype']}: {c['ratio']:.1f}x smaller"),
+        ("cache/token", _cache(c)),
         ("tokenizer", f"{s['tokenizer_vocab_size']} tokens" if s["tokenizer_vocab_size"]
          else "none (no tokenizer.json)"),
     ]
@@ -59,6 +60,20 @@ def _attention(a: dict) -> str:
     q = f"q_lora_rank {a['q_lora_rank']}" if a["q_lora_rank"] else "no q compression"
     return (f"MLA, {a['heads']} heads, {q}, kv_lora_rank {a['kv_lora_rank']}, qk {a['qk_nope_head_dim']} "
             f"nope + {a['qk_rope_head_dim']} rope, v {a['v_head_dim']}")
+
+
+def _indexer(i: dict) -> str:
+    return (f"DeepSeek Sparse Attention: each query attends to its top {i['topk']} keys by a lightning indexer of "
+            f"{i['heads']} heads x {i['head_dim']} ({_count(i['parameters_per_layer'])} parameters per layer)")
+
+
+def _cache(c: dict) -> str:
+    if not c["index_keys"]:
+        return (f"{c['latent']:,} B latent (c_kv + k_pe) vs {c['expanded_kv']:,} B decompressed K/V in {c['dtype']}: "
+                f"{c['ratio']:.1f}x smaller")
+    return (f"{c['total']:,} B = {c['latent']:,} B latent (c_kv + k_pe) + {c['index_keys']:,} B indexer keys "
+            f"({c['index_keys_fp8']:,} B in FP8) vs {c['expanded_kv']:,} B decompressed K/V in {c['dtype']}: "
+            f"{c['ratio']:.1f}x smaller")
 
 
 def _moe(m: dict | None) -> str:

@@ -1,4 +1,5 @@
-"""`mtp-runtime train`: train a small DeepSeek-V3-shaped model with MTP modules (or only the MTP modules)."""
+"""`mtp-runtime train`: train a small DeepSeek-V3-shaped model with MTP modules (or only the MTP modules, or only
+DeepSeek-V3.2 sparse-attention indexers for a checkpoint without them)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import MTPRuntimeError
 from .common import friendly_errors
 
 
@@ -40,8 +42,22 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
 @click.option("--mtp-weight-late", default=0.1, show_default=True,
               help="lambda after 70% of the steps (the V3 report's 0.3 -> 0.1).")
 @click.option("--mtp-only", is_flag=True, help="Train only fresh MTP modules on the frozen trunk of --init.")
+@click.option("--indexer", is_flag=True,
+              help="Give --init lightning indexers (DeepSeek Sparse Attention) and train only them, trunk and MTP "
+                   "modules frozen: a dense warm-up of --dense-steps, then sparse training at --index-topk; exports "
+                   "a deepseek_v32 folder.")
 @click.option("--init", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Existing HF checkpoint folder whose trunk --mtp-only keeps.")
+              help="Existing HF checkpoint folder whose trunk --mtp-only or --indexer keeps.")
+@click.option("--index-heads", type=click.IntRange(min=1), default=4, show_default=True,
+              help="--indexer: indexer heads per layer.")
+@click.option("--index-head-dim", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--indexer: width of each indexer head and of the cached indexer key.")
+@click.option("--index-topk", type=click.IntRange(min=1), default=64, show_default=True,
+              help="--indexer: keys each query attends to in the sparse stage and the exported config.")
+@click.option("--dense-steps", type=click.IntRange(min=0), default=200, show_default=True,
+              help="--indexer: dense warm-up steps (of --steps).")
+@click.option("--eval-topk", default="16,32,64,128", show_default=True, metavar="K[,K...]",
+              help="--indexer: index_topk values the held-out loss is reported at (besides dense).")
 @click.option("--distill", is_flag=True,
               help="MTP targets are the trunk's own predictions (self-distillation) instead of the corpus.")
 @click.option("--mtp-depth", type=click.IntRange(min=1), default=None,
@@ -66,9 +82,11 @@ def parse_arch(pairs: tuple[str, ...]) -> dict:
               help="Override an architecture field of the default shape (repeatable), e.g. --arch hidden_size=128.")
 @friendly_errors
 def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, num_mtp, mtp_weight,
-          mtp_weight_late, mtp_only, init, distill, mtp_depth, continuations, continuation_prompt, eval_every,
-          save_every, max_minutes, threads, device, seed, arch):
-    """Train a small DeepSeek-V3-shaped model with MTP modules (or only MTP modules) on CORPUS.
+          mtp_weight_late, mtp_only, indexer, init, index_heads, index_head_dim, index_topk, dense_steps, eval_topk,
+          distill, mtp_depth, continuations, continuation_prompt, eval_every, save_every, max_minutes, threads,
+          device, seed, arch):
+    """Train a small DeepSeek-V3-shaped model with MTP modules (or only MTP modules, or only sparse-attention
+    indexers with --indexer) on CORPUS.
 
     CORPUS: text files or folders (default: the running interpreter's standard-library Python sources).
     Whole files are held out by a stable hash of their path. Rerunning the same command resumes.
@@ -89,6 +107,17 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
         raise TrainingSettingsError("--continuation-prompt does not apply without --continuations N")
     if check_threads(threads):
         torch.set_num_threads(threads)
+    if indexer:
+        _check_indexer_options(init, mtp_only, distill, continuations, mtp_depth, arch)
+        from ..train.indexer_trainer import IndexerTrainer, IndexerTrainSettings
+
+        settings = IndexerTrainSettings(
+            out_dir=out_dir, init=init, corpus=list(corpus), n_heads=index_heads, head_dim=index_head_dim,
+            topk=index_topk, dense_steps=dense_steps, steps=steps, batch_size=batch_size, context=context, lr=lr,
+            warmup=warmup, eval_topk=_topk_list(eval_topk), eval_every=eval_every, save_every=save_every, seed=seed,
+            max_minutes=max_minutes, device=str(resolve_device(device)))
+        click.echo(f"model written to {IndexerTrainer(settings).train()}")
+        return
     settings = TrainSettings(
         out_dir=out_dir, corpus=list(corpus), steps=steps, batch_size=batch_size, context=context, lr=lr,
         warmup=warmup, vocab_size=vocab_size, num_mtp=num_mtp, mtp_weight=mtp_weight,
@@ -98,3 +127,24 @@ def train(corpus, out_dir, steps, batch_size, context, lr, warmup, vocab_size, n
         device=str(resolve_device(device)))
     folder = Trainer(settings).train()
     click.echo(f"model written to {folder}")
+
+
+def _check_indexer_options(init, mtp_only, distill, continuations, mtp_depth, arch) -> None:
+    """--indexer trains indexers for an existing checkpoint and nothing else."""
+    if init is None:
+        raise MTPRuntimeError("--indexer needs --init FOLDER: the checkpoint that gets indexers")
+    clashing = [name for name, given in (("--mtp-only", mtp_only), ("--distill", distill),
+                                         ("--continuations", continuations), ("--mtp-depth", mtp_depth is not None),
+                                         ("--arch", bool(arch))) if given]
+    if clashing:
+        raise MTPRuntimeError(f"--indexer trains only the indexers; drop {', '.join(clashing)}")
+
+
+def _topk_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise MTPRuntimeError(f"--eval-topk {text!r} is not a comma-separated list of positive integers")
+    return values

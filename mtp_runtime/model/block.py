@@ -1,4 +1,5 @@
-"""One DeepSeek decoder layer: pre-norm MLA then pre-norm MoE (or dense MLP in the first layers)."""
+"""One DeepSeek decoder layer: pre-norm MLA (sparse for DeepSeek-V3.2) then pre-norm MoE (or dense MLP in the first
+layers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .moe import DenseMLP, MoE
 from .norm import RMSNorm
 from .plan import AttentionPlan
 from .rope import RopeTables
+from .sparse_mla import SparseMLA
 
 
 class DecoderLayer(nn.Module):
@@ -18,7 +20,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, arch_idx: int, cache_idx: int):
         super().__init__()
-        self.self_attn = MLA(config, cache_idx)
+        self.self_attn = SparseMLA(config, cache_idx) if config.indexer is not None else MLA(config, cache_idx)
         if config.is_moe_layer(arch_idx):
             self.mlp = MoE(config)
         else:

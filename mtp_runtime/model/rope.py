@@ -78,8 +78,16 @@ class RopeTables:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, T, ..., dim] element-wise; the result is in half-split layout."""
+        return self._apply(x, self.interleave)
+
+    def apply_half_split(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, T, ..., dim] element-wise, reading it in half-split layout whatever the checkpoint's (the
+        DeepSeek-V3.2 indexer's RoPE is never interleaved)."""
+        return self._apply(x, False)
+
+    def _apply(self, x: torch.Tensor, interleave: bool) -> torch.Tensor:
         dim = x.shape[-1]
-        first, second = (x[..., 0::2], x[..., 1::2]) if self.interleave else (x[..., : dim // 2], x[..., dim // 2:])
+        first, second = (x[..., 0::2], x[..., 1::2]) if interleave else (x[..., : dim // 2], x[..., dim // 2:])
         extra = x.dim() - self.cos.dim()
         cos = self.cos.reshape(*self.cos.shape[:2], *([1] * extra), self.cos.shape[-1])
         sin = self.sin.reshape(*self.sin.shape[:2], *([1] * extra), self.sin.shape[-1])

@@ -10,6 +10,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -221,38 +222,8 @@ class Trainer:
 
     def _prepare_data(self):
         """Tokenizer (trained once, or the --init checkpoint's) and token arrays for both splits."""
-        data_dir = self.out / "data"
-        data_dir.mkdir(exist_ok=True)
-        roots = [Path(p) for p in self.s.corpus] or corpus.default_corpus_roots()
-        files = corpus.list_files(roots)
-        split = corpus.split_files(files, roots, self.s.held_out_percent)
-        if not split.train or not split.held_out:
-            raise MTPRuntimeError("the corpus is too small to hold out whole files; add more files")
-        tok_file = self.out / "tokenizer.json"
-        from tokenizers import Tokenizer
-
-        if self.s.init is not None and (Path(self.s.init) / "tokenizer.json").is_file() and not tok_file.is_file():
-            shutil.copy(Path(self.s.init) / "tokenizer.json", tok_file)
-            corpus.write_tokenizer_config(self.out)
-        if tok_file.is_file():
-            tokenizer = Tokenizer.from_file(str(tok_file))
-        else:
-            tqdm.write(f"tokenizer: training a {self.s.vocab_size}-token byte-level BPE on {len(split.train)} files")
-            tokenizer = corpus.train_tokenizer(split.train, self.s.vocab_size, tok_file)
-            if tokenizer.get_vocab_size() < self.s.vocab_size:
-                tqdm.write(f"tokenizer: {tokenizer.get_vocab_size()} tokens (the corpus holds no more merges than "
-                           f"that; --vocab-size asked for {self.s.vocab_size})")
-        self._check_budget("preparing the tokenizer")
-        arrays = []
-        for name, part in (("train", split.train), ("held_out", split.held_out)):
-            path = data_dir / f"{name}.npy"
-            if not path.is_file():
-                tqdm.write(f"data: encoding the {len(part)} {name.replace('_', '-')} files into {path}")
-                np.save(path, corpus.encode_files(tokenizer, part))
-            arrays.append(np.load(path))
-        (data_dir / "held_out_files.txt").write_text("\n".join(map(str, split.held_out)) + "\n", encoding="utf-8")
-        self._check_budget("preparing the data")
-        return tokenizer, arrays[0], arrays[1]
+        return prepare_data(self.out, self.s.corpus, self.s.held_out_percent, self.s.vocab_size, self.s.init,
+                            self._check_budget)
 
     def _check_budget(self, stage: str) -> None:
         """Stop before training when preparation alone used up --max-minutes (what it made is kept in OUT)."""
@@ -332,10 +303,7 @@ class Trainer:
         tmp.replace(self.out / "train_state.pt")
 
     def lr_at(self, step: int) -> float:
-        if step < self.s.warmup:
-            return self.s.lr * (step + 1) / self.s.warmup
-        progress = (step - self.s.warmup) / max(1, self.s.steps - self.s.warmup)
-        return self.s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        return warmup_cosine(step, self.s.lr, self.s.warmup, self.s.steps)
 
     def mtp_weight_at(self, step: int) -> float:
         late = self.s.mtp_weight_late
@@ -435,6 +403,53 @@ class Trainer:
         (folder / "training.json").write_text(json.dumps(
             {"settings": _jsonable(asdict(self.s)), "history": self.history}, indent=2) + "\n", encoding="utf-8")
         return folder
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Learning rate at `step`: linear warmup to lr, then cosine decay to 10% of it at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def prepare_data(out: Path, corpus_paths: list[Path], held_out_percent: int, vocab_size: int,
+                 init: Path | None = None, check_budget: Callable[[str], None] | None = None):
+    """(tokenizer, train ids, held-out ids) of a run folder: the tokenizer trained once (or copied from the `init`
+    checkpoint), the token arrays encoded once into out/data. `check_budget(stage)` runs after each stage."""
+    check_budget = check_budget or (lambda stage: None)
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
+    roots = [Path(p) for p in corpus_paths] or corpus.default_corpus_roots()
+    files = corpus.list_files(roots)
+    split = corpus.split_files(files, roots, held_out_percent)
+    if not split.train or not split.held_out:
+        raise MTPRuntimeError("the corpus is too small to hold out whole files; add more files")
+    tok_file = out / "tokenizer.json"
+    from tokenizers import Tokenizer
+
+    if init is not None and (Path(init) / "tokenizer.json").is_file() and not tok_file.is_file():
+        shutil.copy(Path(init) / "tokenizer.json", tok_file)
+        corpus.write_tokenizer_config(out)
+    if tok_file.is_file():
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    else:
+        tqdm.write(f"tokenizer: training a {vocab_size}-token byte-level BPE on {len(split.train)} files")
+        tokenizer = corpus.train_tokenizer(split.train, vocab_size, tok_file)
+        if tokenizer.get_vocab_size() < vocab_size:
+            tqdm.write(f"tokenizer: {tokenizer.get_vocab_size()} tokens (the corpus holds no more merges than "
+                       f"that; --vocab-size asked for {vocab_size})")
+    check_budget("preparing the tokenizer")
+    arrays = []
+    for name, part in (("train", split.train), ("held_out", split.held_out)):
+        path = data_dir / f"{name}.npy"
+        if not path.is_file():
+            tqdm.write(f"data: encoding the {len(part)} {name.replace('_', '-')} files into {path}")
+            np.save(path, corpus.encode_files(tokenizer, part))
+        arrays.append(np.load(path))
+    (data_dir / "held_out_files.txt").write_text("\n".join(map(str, split.held_out)) + "\n", encoding="utf-8")
+    check_budget("preparing the data")
+    return tokenizer, arrays[0], arrays[1]
 
 
 def init_weights(model: DeepseekForCausalLM, std: float = 0.02) -> None:
