@@ -103,6 +103,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
     resumed.train()
     assert resumed.step == 14
+    first_run = first.history[-1]["elapsed_s"]
+    assert resumed.earlier_seconds >= first_run > 0  # the log's clock goes on where the first run stopped
+    assert resumed.history[-1]["elapsed_s"] > resumed.earlier_seconds
 
 
 def test_mtp_only_distillation_keeps_the_trunk(micro_run, tmp_path):

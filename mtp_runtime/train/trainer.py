@@ -195,6 +195,8 @@ class Trainer:
     def __init__(self, settings: TrainSettings):
         settings.validate()
         self.started = time.time()
+        self.earlier_seconds = 0.0
+        """Wall time of the earlier runs this one resumes (the log's elapsed_s counts them)."""
         self.s = settings
         self.out = Path(settings.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -294,12 +296,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
+        self.earlier_seconds = state.get("elapsed_s", 0.0)
         tqdm.write(f"resuming from step {self.step} ({state_file})")
 
     def _save_state(self) -> None:
         tmp = self.out / "train_state.pt.tmp"
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "history": self.history, "settings": _jsonable(asdict(self.s))}, tmp)
+                    "history": self.history, "elapsed_s": self.earlier_seconds + self.elapsed(),
+                    "settings": _jsonable(asdict(self.s))}, tmp)
         tmp.replace(self.out / "train_state.pt")
 
     def lr_at(self, step: int) -> float:
@@ -331,14 +335,14 @@ class Trainer:
                             acc1=f"{metrics['acc'][0]:.2f}", tok_s=f"{tokens_per_step / step_seconds:.0f}")
             t1 = time.time()
             if self.step % self.s.eval_every == 0 or self.step == self.s.steps:
-                self._evaluate(self.elapsed())
+                self._evaluate(self.earlier_seconds + self.elapsed())
             if self.step % self.s.save_every == 0:
                 self._save_state()
             reserve = max(reserve, 2 * (time.time() - t1), 4 * step_seconds)
             if self.step < self.s.steps and self._over_budget(reserve):
                 bar.write(f"stopping at step {self.step}: --max-minutes {self.s.max_minutes:g} reached (the "
                           "final evaluation and the export fit in what is left)")
-                self._evaluate(self.elapsed())
+                self._evaluate(self.earlier_seconds + self.elapsed())
                 break
         bar.close()
         self._save_state()
