@@ -22,7 +22,7 @@ def held_out_prompts(shipped_runtime):
 
 def test_default_model_loads_with_mtp_modules_and_tokenizer(shipped_runtime):
     assert shipped_runtime.path == mtp_runtime.DEFAULT_MODEL
-    assert shipped_runtime.config.model_type == "deepseek_v3" and shipped_runtime.num_mtp_modules >= 3
+    assert shipped_runtime.config.model_type == "deepseek_v3" and shipped_runtime.num_mtp_modules >= 1
     assert shipped_runtime.tokenizer is not None
     text = "def f(x):\n    return x\n"
     assert shipped_runtime.tokenizer.decode(shipped_runtime.encode(text)) == text == shipped_runtime.decode(
