@@ -45,8 +45,6 @@ class CompiledForwards(Forwards):
         super().__init__(model)
         self._trunk = torch.compile(trunk_step, dynamic=False, options=COMPILE_OPTIONS)
         self._mtp = torch.compile(mtp_step, dynamic=False, options=COMPILE_OPTIONS)
-        self.compile_seconds = 0.0
-        """Wall time spent in calls that compiled a new graph."""
 
     def trunk(self, tokens: torch.Tensor, plan: AttentionPlan):
         if tokens.shape[0] != 1:

@@ -157,7 +157,7 @@ class Engine:
     def _step(self, batch: _Batch) -> list[list[int]]:
         """Verify (one trunk forward over the whole tree), accept, commit, and draft the next tree; returns the
         tokens each live row emitted (read from the device once per step)."""
-        t0 = time.perf_counter()
+        t0, compiled_before = time.perf_counter(), self.forwards.compile_seconds
         tree = batch.next_tree if batch.next_tree is not None else self._root_only(batch)
         hidden, logits = self._verify(batch, tree)
         acceptance = self._accept(tree, logits)
@@ -173,7 +173,8 @@ class Engine:
         t3 = time.perf_counter()
         self._record(batch, tree, host, (t3 - t2, t1 - t0, t2 - t1))
         if self.auto is not None:
-            self._learn(batch, tree, host, next_depth, t2 - t0, t3 - t2)
+            timed = self.forwards.compile_seconds == compiled_before  # a step that compiled says nothing of cost
+            self._learn(batch, tree, host, next_depth, (t2 - t0, t3 - t2) if timed else None)
         return [row[3: 3 + row[0]] for row in host]
 
     def _draft_next(self, batch: _Batch, path_hidden, emitted, counts) -> int | None:
@@ -195,15 +196,18 @@ class Engine:
         return depth
 
     def _learn(self, batch: _Batch, tree: DraftTree, host: list[list[int]], next_depth: int | None,
-               verify_seconds: float, draft_seconds: float) -> None:
-        """Feed auto this step's acceptance and the measured cost of the shapes involved."""
+               seconds: tuple[float, float] | None) -> None:
+        """Feed auto this step's acceptance and, unless `seconds` is None (the step compiled a graph), the measured
+        (verify, draft) cost of the shapes involved."""
         bucket = _batch_bucket(len(host))
         depth = tree.tokens.shape[1] - 1  # auto drafts chains: nodes = depth
         self.auto.observe(depth, [row[0] - 1 for row in host])
+        if seconds is None:
+            return
         costs = self.auto.costs
-        costs.record(costs.verify, (bucket, depth), verify_seconds)
+        costs.record(costs.verify, (bucket, depth), seconds[0])
         if next_depth:
-            costs.record(costs.draft, (bucket, next_depth), draft_seconds)
+            costs.record(costs.draft, (bucket, next_depth), seconds[1])
 
     def _length_reached_by_all(self, batch: _Batch, host: list[list[int]]) -> bool:
         """Every live sequence ends at max_new_tokens with this step, so no next tree is needed."""

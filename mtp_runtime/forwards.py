@@ -32,6 +32,8 @@ class Forwards:
 
     def __init__(self, model: DeepseekForCausalLM):
         self.model = model
+        self.compile_seconds = 0.0
+        """Wall time spent in calls that compiled a new graph (always 0 here; see CompiledForwards)."""
 
     def trunk(self, tokens: torch.Tensor, plan: AttentionPlan):
         """A decoding step's trunk forward (verify or plain decoding; not the prefill)."""

@@ -113,3 +113,28 @@ def test_plain_decoding_is_probed_less_and_less_often():
     probes = [step for step in range(1, 400) if auto.choose(1) == 1]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert probes[0] == EXPLORE_EVERY and gaps == [2 * EXPLORE_EVERY * 2**i for i in range(len(gaps))], probes
+
+
+def test_a_faster_step_replaces_a_slow_first_measurement():
+    costs = StepCosts()
+    costs.record(costs.verify, (1, 2), 5.0)  # e.g. a first call on a busy machine
+    costs.record(costs.verify, (1, 2), 0.01)
+    assert costs.verify[(1, 2)] == 0.01
+    costs.record(costs.verify, (1, 2), 0.02)  # slower steps move the estimate gradually
+    assert 0.01 < costs.verify[(1, 2)] < 0.02
+
+
+def test_steps_that_compiled_a_graph_are_not_timed(tmp_path):
+    """A step that compiled costs minutes once: recorded, it would keep auto off that depth for the whole run."""
+    from mtp_runtime.forwards import Forwards
+
+    class CompilesEveryCall(Forwards):
+        def trunk(self, tokens, plan):
+            self.compile_seconds += 60.0
+            return super().trunk(tokens, plan)
+
+    rt = load(build_mostly_right(tmp_path, num_mtp=2, seed=3), device="cpu")
+    rt.forwards = CompilesEveryCall(rt.model)
+    auto = rt.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=24)
+    assert auto.token_ids == rt.generate(input_ids=PROMPTS[2], draft="none", max_new_tokens=24).token_ids
+    assert not rt.step_costs.verify and not rt.step_costs.draft
