@@ -111,8 +111,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_mtp_only_distillation_keeps_the_trunk(micro_run, tmp_path):
     _, folder = micro_run
     settings = micro_settings(tmp_path, mtp_only=True, init=folder, distill=True, steps=6, eval_every=3,
-                              num_mtp=3, arch_overrides={})
+                              num_mtp=3, arch_overrides={}, bias_update_speed=0.1)
     trainer = Trainer(settings)
+    assert trainer.load.gates and all(id(g) in {id(m) for m in trainer.model.mtp.modules()} for g in trainer.load.gates)
     trunk_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("mtp.")}
     out = trainer.train()
     after = trainer.model.state_dict()

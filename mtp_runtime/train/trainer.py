@@ -165,10 +165,12 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
 
 
 class ExpertLoad:
-    """Counts tokens per expert through forward hooks on the gates, for the aux-loss-free bias update."""
+    """Counts tokens per expert through forward hooks on the gates, for the aux-loss-free bias update (of the
+    MTP modules' gates only with `mtp_only`: a frozen trunk keeps its routing)."""
 
-    def __init__(self, model: DeepseekForCausalLM):
-        self.gates = [m for m in model.modules() if isinstance(m, Gate) and hasattr(m, "e_score_correction_bias")]
+    def __init__(self, model: DeepseekForCausalLM, mtp_only: bool = False):
+        modules = model.mtp.modules() if mtp_only else model.modules()
+        self.gates = [m for m in modules if isinstance(m, Gate) and hasattr(m, "e_score_correction_bias")]
         self.counts = {id(g): torch.zeros(g.weight.shape[0]) for g in self.gates}
         self.handles = [g.register_forward_hook(self._record) for g in self.gates]
 
@@ -211,7 +213,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr, betas=(0.9, 0.95))
-        self.load = ExpertLoad(self.model)
+        self.load = ExpertLoad(self.model, self.s.mtp_only)
         self.step, self.history = 0, []
         self._resume()
 
