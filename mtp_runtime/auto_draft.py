@@ -22,7 +22,9 @@ PRIOR_WEIGHT = 2.0
 FORGET = 0.98
 """Each new observation of a depth scales its earlier counts by this (an effective window of ~50 steps)."""
 COST_SMOOTHING = 0.2
-"""Weight of the newest step time in a cost's moving average (a faster step replaces the average)."""
+"""Weight of the newest step time in a cost's moving average."""
+RESTART_BELOW = 0.5
+"""A step faster than this fraction of a cost's average replaces the average."""
 MODELLED_COST_PER_DRAFT = 0.5
 """Seeded sampling: a drafted token is assumed to cost this fraction of a plain step (about what a chain step
 measured on the shipped model in eager mode), since measured times would make the draws depend on timing."""
@@ -42,10 +44,12 @@ class StepCosts:
     """Drafting a chain of k drafts (module passes, tree growth), the previous step's appends included."""
 
     def record(self, table: dict, key: tuple[int, int], seconds: float) -> None:
-        """A moving average that follows a faster step at once: a shape measured once, on a slow step (a first
-        call, a busy machine), is chosen rarely after, so a high estimate must not linger."""
+        """A moving average, restarted by a step under half of it: a shape first measured on a slow step (a first
+        call) is chosen rarely after, so such a high estimate must not linger. (Following every faster step at
+        once would favour the shapes chosen most: the more samples, the luckier the fastest one.)"""
         old = table.get(key)
-        table[key] = seconds if old is None or seconds < old else (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds
+        restart = old is None or seconds < RESTART_BELOW * old
+        table[key] = seconds if restart else (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds
 
     def step(self, batch: int, k: int) -> float | None:
         """Seconds of one step with a chain of k drafts, or None while unmeasured."""

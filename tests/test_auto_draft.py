@@ -115,13 +115,14 @@ def test_plain_decoding_is_probed_less_and_less_often():
     assert probes[0] == EXPLORE_EVERY and gaps == [2 * EXPLORE_EVERY * 2**i for i in range(len(gaps))], probes
 
 
-def test_a_faster_step_replaces_a_slow_first_measurement():
+def test_a_much_faster_step_replaces_a_slow_first_measurement():
     costs = StepCosts()
-    costs.record(costs.verify, (1, 2), 5.0)  # e.g. a first call on a busy machine
+    costs.record(costs.verify, (1, 2), 5.0)  # e.g. a first call
     costs.record(costs.verify, (1, 2), 0.01)
     assert costs.verify[(1, 2)] == 0.01
-    costs.record(costs.verify, (1, 2), 0.02)  # slower steps move the estimate gradually
-    assert 0.01 < costs.verify[(1, 2)] < 0.02
+    costs.record(costs.verify, (1, 2), 0.02)  # otherwise the estimate moves gradually, either way
+    costs.record(costs.verify, (1, 2), 0.006)
+    assert 0.006 < costs.verify[(1, 2)] < 0.02
 
 
 def test_steps_that_compiled_a_graph_are_not_timed(tmp_path):
