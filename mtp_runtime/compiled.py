@@ -30,6 +30,12 @@ it builds each graph as one large C++ file: 5.5 minutes per step shape instead o
 this project's 2-core CPU), and a drafting runtime needs one graph per verify width."""
 
 
+RECOMPILE_LIMIT = 64
+"""Graphs kept per step function. Each verify width is a graph, compiled twice (dynamo makes the growing span
+dynamic on its second value), and past dynamo's default of 8 every new shape would silently run eagerly: auto's
+chains of 0-4 drafts alone are 10 trunk graphs."""
+
+
 def _mark_dynamic(plan: AttentionPlan) -> None:
     """The attended span grows every step and the capacity differs per request: neither may recompile."""
     torch._dynamo.maybe_mark_dynamic(plan.mask, 2)
@@ -62,7 +68,7 @@ class CompiledForwards(Forwards):
     def _call(self, fn, *args):
         before = _compiled_frames()
         start = time.perf_counter()
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=RECOMPILE_LIMIT):
             out = fn(*args)
         if _compiled_frames() != before:
             self.compile_seconds += time.perf_counter() - start
