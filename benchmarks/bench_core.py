@@ -91,14 +91,20 @@ def build_tiny_v3(folder: Path, seed: int) -> DeepseekV3ForCausalLM:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(config).eval()
+    randomize_weights(model, 0.08)
+    model.save_pretrained(folder)
+    return model
+
+
+@torch.no_grad()
+def randomize_weights(model, scale: float) -> None:
+    """Norms near 1, other weights N(0, scale), gate biases N(0, 0.1): non-flat logits and varied routing."""
     for name, param in model.named_parameters():
         noise = torch.randn_like(param)
-        param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.08 * noise)
+        param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else scale * noise)
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(0.1 * torch.randn_like(buf))
-    model.save_pretrained(folder)
-    return model
 
 
 def time_interleaved(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:

@@ -41,6 +41,8 @@ from mtp_runtime.model.plan import AttentionPlan, causal_visibility
 from mtp_runtime.model.rope import Rotary
 from mtp_runtime.model.sparse_mla import SparseMLA
 
+from bench_core import randomize_weights  # this folder: python benchmarks/bench_dsa.py puts it on sys.path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import PUBLISHED, machine_info, time_interleaved  # noqa: E402
 
@@ -77,12 +79,7 @@ def build_reference(values: dict, folder: Path, seed: int) -> DeepseekV32ForCaus
     config._experts_implementation = "eager"
     torch.manual_seed(seed)
     model = DeepseekV32ForCausalLM(config).eval()
-    for name, param in model.named_parameters():
-        noise = torch.randn_like(param)
-        param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buf.copy_(0.1 * torch.randn_like(buf))
+    randomize_weights(model, 0.15)
     model.save_pretrained(folder)
     return model
 
