@@ -9,7 +9,8 @@ stay compiled for the process; inductor's on-disk caches keep the generated code
 process pays only tracing (20-45 s per graph of the shipped 20-layer model, against about 75 s cold).
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
-batches and prefills run eagerly. `warm_up` compiles every graph a draft shape needs ahead of time.
+batches and prefills run eagerly. A graph compiles the first time its shape is met (`bench` runs one untimed
+warm-up call per configuration for that).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import time
 
 import torch
 
-from .cache import LatentCache
 from .forwards import Forwards, mtp_step, trunk_step
 from .model import DeepseekForCausalLM
-from .model.plan import AttentionPlan, causal_visibility
+from .model.plan import AttentionPlan
 
 COMPILE_OPTIONS: dict = {}
 """Inductor's default Python wrapper. Its C++ wrapper (cpp_wrapper) calls the kernels without going back to Python
