@@ -1,7 +1,7 @@
 """DeepSeekMoE: a routing gate, fine-grained routed experts, and shared experts.
 
 Routed experts never copy weights:
-* a decode, verify or draft step (at most PAIRS_MAX (token, expert) pairs): each pair runs on views of its expert's
+* a decode step, or any step of at most PAIRS_MAX (token, expert) pairs: each pair runs on views of its expert's
   weights, so only the chosen experts' weights are read (decoding a small model is bound by the bytes of weights
   it reads). The expert ids are read once (on the host in eager mode; as unbacked integers inside a compiled
   graph, which unrolls the pairs of its fixed shape without a graph break);
@@ -18,10 +18,12 @@ from torch import nn
 
 from ..config import ModelConfig
 
-PAIRS_MAX = 16
-"""Up to this many (token, expert) pairs run pair by pair: a chain of 7 drafts with 2 experts per token (measured
-on the shipped model: per pair is faster than grouped up to about 2 tokens, equal at 4, slower at 9; a compiled
-graph gains more from it, having no per-op overhead)."""
+PAIRS_MAX = 4
+"""Up to this many (token, expert) pairs run pair by pair: two tokens of top-2 routing. Past that the grouped
+matmul reads each used expert once where pairs re-read the experts tokens share (benchmarks/step_costs.py on the
+shipped 20-layer model, 256 cached tokens, against 16 pairs: eager verify over 5 nodes 1.55 vs 1.73 plain steps,
+over 8 nodes 1.65 vs 2.22; compiled over 8 nodes 2.09 vs 2.68, and an MTP pass over the 5 slots of a 4-draft
+chain 0.94 vs 2.25 ms; one token stays per pair, as it reads only its two experts)."""
 
 
 class DenseMLP(nn.Module):
