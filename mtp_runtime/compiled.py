@@ -1,21 +1,34 @@
-"""CompiledForwards: the step forwards of batch-1 decoding compiled with torch.compile (inductor).
+"""CompiledForwards: the step forwards of batch-1 decoding compiled ahead of time (torch.compile's aot_compile,
+inductor), called without dynamo's guards, and kept on disk across processes.
 
 A decode step of a small model is bound by per-op overhead in eager PyTorch (thousands of small ops, each a few
 microseconds); compiled, the trunk and each MTP module run as one graph each, with their element-wise work fused.
 Every forward of a step has a shape fixed by the draft shape: n tokens against a cache whose attended span and
 capacity are marked dynamic, so the span growing step after step never recompiles, and a one-token MoE step reads
-its chosen experts by unbacked integer indices inside the graph (no host sync, no graph break). Shapes seen once
-stay compiled for the process; inductor's on-disk caches keep the generated code across processes, so a second
-process pays only tracing (20-45 s per graph of the shipped 20-layer model, against about 75 s cold).
+its chosen experts by unbacked integer indices inside the graph (no host sync, no graph break).
+
+Each graph is one `StepGraph`, found by a key that fixes everything its code depends on (which network, module
+k, n, the plan's kind, dtypes, the model's architecture). A call through torch.compile would evaluate dynamo's
+guards first (about 400 tensor and 1,000 type checks for the shipped 20-layer trunk: 1.2-1.7 ms of a 9 ms step);
+a StepGraph checks them on its first calls against each new cache, where a failure compiles the key afresh, and
+then calls the graph directly. Graphs are saved under inductor's cache directory (`torch._inductor` cache_dir,
+TORCHINDUCTOR_CACHE_DIR), keyed also by the torch version and a digest of this package's source, so a new
+process loads a step shape in about 3 s instead of tracing it again (20-45 s from inductor's warm cache, about
+75 s cold, for the shipped model on this project's 2-core CPU).
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
-batches and prefills run eagerly. A graph compiles the first time its shape is met (`bench` runs one untimed
-warm-up call per configuration for that).
+batches and prefills run eagerly. A graph is built or loaded the first time its shape is met (`bench` runs one
+untimed warm-up call per configuration for that); `compile_seconds` counts that time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -29,11 +42,25 @@ between them, 1.3x faster steps on the shipped 20-layer model (plain decoding 14
 it builds each graph as one large C++ file: 5.5 minutes per step shape instead of 75 s, cold (both measured on
 this project's 2-core CPU), and a drafting runtime needs one graph per verify width."""
 
+GUARD_CHECKS = 2
+"""Calls per new cache on which a graph's guards are still evaluated: the first one, and one with a longer span
+(a graph that had specialised the span would fail there and be compiled afresh)."""
 
-RECOMPILE_LIMIT = 64
-"""Graphs kept per step function. Each verify width is a graph (and may compile twice, as dynamo turns a size it
-first saw as static dynamic), and past dynamo's default of 8 every new shape silently ran eagerly: measured with
-benchmarks/step_costs.py, whose widths 1, 2, 4 and 8 filled the 8 and left 16 eager."""
+
+def default_cache_dir() -> Path:
+    """Where compiled step graphs are kept: beside inductor's own on-disk caches."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "mtp_runtime_steps"
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """A digest of this package's Python source: a saved graph is code traced from it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _mark_dynamic(plan: AttentionPlan) -> None:
@@ -42,38 +69,103 @@ def _mark_dynamic(plan: AttentionPlan) -> None:
     torch._dynamo.maybe_mark_dynamic(plan.cache.latent, 2)
 
 
+class StepGraph:
+    """One compiled step shape; its guards are evaluated on its first GUARD_CHECKS calls per cache only."""
+
+    def __init__(self, function):
+        self.function = function
+        function.disable_guard_check()
+        self._checked: dict[tuple, int] = {}
+
+    def admits(self, args: tuple, plan: AttentionPlan) -> bool:
+        """Whether the graph is valid for these inputs: known for a cache it already ran on, else its guards."""
+        cache = (id(plan.cache.latent), tuple(plan.cache.latent.shape))
+        calls = self._checked.get(cache, 0)
+        if calls >= GUARD_CHECKS:
+            return True
+        if not self.function.guard_check(*args):
+            return False
+        self._checked[cache] = calls + 1
+        return True
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
 class CompiledForwards(Forwards):
-    """Batch-1 trunk and MTP forwards through torch.compile; other batch sizes fall back to eager."""
+    """Batch-1 trunk and MTP forwards through compiled step graphs; other batch sizes fall back to eager."""
 
     compiled = True
 
-    def __init__(self, model: DeepseekForCausalLM):
+    def __init__(self, model: DeepseekForCausalLM, cache_dir: str | Path | None = None):
         super().__init__(model)
-        self._trunk = torch.compile(trunk_step, dynamic=False, options=COMPILE_OPTIONS)
-        self._mtp = torch.compile(mtp_step, dynamic=False, options=COMPILE_OPTIONS)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._graphs: dict[tuple, StepGraph] = {}
+        self._model_facts = (torch.__version__, _source_digest(), repr(model.config), repr(model),
+                             str(next(model.parameters()).dtype))
+        self.graphs_loaded = 0
+        """Graphs read from the disk cache instead of compiled (the rest of len(graphs) were compiled)."""
 
     def trunk(self, tokens: torch.Tensor, plan: AttentionPlan):
         if tokens.shape[0] != 1:
             return super().trunk(tokens, plan)
-        _mark_dynamic(plan)
-        return self._call(self._trunk, self.model, tokens, plan)
+        return self._call(trunk_step, ("trunk", tokens.shape[1]), (self.model, tokens), plan)
 
     def mtp(self, k: int, prev_hidden: torch.Tensor, tokens: torch.Tensor, plan: AttentionPlan,
             step: bool = True) -> torch.Tensor:
         if tokens.shape[0] != 1 or not step:
             return super().mtp(k, prev_hidden, tokens, plan)
-        _mark_dynamic(plan)
-        return self._call(self._mtp, self.model, k, prev_hidden, tokens, plan)
+        return self._call(mtp_step, ("mtp", k, tokens.shape[1]), (self.model, k, prev_hidden, tokens), plan)
 
-    def _call(self, fn, *args):
-        before = _compiled_frames()
-        start = time.perf_counter()
-        with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=RECOMPILE_LIMIT):
-            out = fn(*args)
-        if _compiled_frames() != before:
+    @property
+    def graphs(self) -> int:
+        """Step graphs this instance holds."""
+        return len(self._graphs)
+
+    def _call(self, fn, shape: tuple, leading: tuple, plan: AttentionPlan):
+        """fn(*leading, plan) through the graph of its key. The graph gets a copy of the plan whose memo of
+        per-head biases is empty, as when it was traced: a plan the graph ran on holds one, and every guard
+        check on it would fail."""
+        plan = dataclasses.replace(plan, _biases={})
+        args = leading + (plan,)
+        key = shape + (plan.impl, plan.causal_only, plan.cache.num_layers, str(plan.cache.latent.dtype),
+                       torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        graph = self._graphs.get(key)
+        if graph is None or not graph.admits(args, plan):
+            start = time.perf_counter()
+            graph = self._graphs[key] = self._build(fn, key, args, plan, reuse_saved=graph is None)
             self.compile_seconds += time.perf_counter() - start
-        return out
+        return graph(*args)
 
+    def _build(self, fn, key: tuple, args: tuple, plan: AttentionPlan, reuse_saved: bool) -> StepGraph:
+        """The saved graph of this key when it admits these inputs, else a newly compiled one (then saved)."""
+        path = self.cache_dir / (hashlib.sha256(repr(self._model_facts + key).encode()).hexdigest()[:40] + ".graph")
+        if reuse_saved and path.exists():
+            graph = self._load(path)
+            if graph is not None and graph.admits(args, plan):
+                self.graphs_loaded += 1
+                return graph
+        _mark_dynamic(plan)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            function = torch.compile(fn, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS).aot_compile(
+                (args, {}))
+        self._save(function, path)
+        return StepGraph(function)
 
-def _compiled_frames() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    @staticmethod
+    def _load(path: Path) -> StepGraph | None:
+        """A saved graph, or None when the file cannot be read as one (it is then compiled and saved afresh)."""
+        try:
+            with open(path, "rb") as file:
+                return StepGraph(torch.compiler.load_compiled_function(file))
+        except Exception:  # a truncated or incompatible file is a cache miss, not an error
+            return None
+
+    @staticmethod
+    def _save(function, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            function.save_compiled_function(str(path))
+        except OSError as error:
+            warnings.warn(f"compiled step graph not saved to {path} ({error}); the next process compiles it again",
+                          stacklevel=3)

@@ -1,4 +1,5 @@
-"""Compiled decoding (Runtime.compile: batch-1 step forwards through torch.compile) gives the eager tokens.
+"""Compiled decoding (Runtime.compile: batch-1 step forwards through compiled step graphs) gives the eager
+tokens; saved graphs load in a new runtime with the same tokens; a graph whose guards fail is compiled afresh.
 
 Compiling costs seconds per step shape even on the tiny test model, so one module-scoped runtime compiles a
 handful of shapes once and every test reuses them.
@@ -10,6 +11,9 @@ import pytest
 
 from builders import build_mostly_right
 from mtp_runtime import load
+from mtp_runtime.cache import LatentCache
+from mtp_runtime.compiled import GUARD_CHECKS, StepGraph
+from mtp_runtime.model.plan import AttentionPlan, causal_visibility
 
 PROMPT = [9, 9, 31, 2, 60, 12, 7]
 DRAFTS = {"plain": dict(draft="none"), "chain2": dict(draft="chain", num_draft_tokens=2),
@@ -17,10 +21,13 @@ DRAFTS = {"plain": dict(draft="none"), "chain2": dict(draft="chain", num_draft_t
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = build_mostly_right(tmp_path_factory.mktemp("compiled"), num_mtp=2, seed=3)
-    compiled = load(folder, device="cpu", compile=True)
-    return load(folder, device="cpu"), compiled
+def folder(tmp_path_factory):
+    return build_mostly_right(tmp_path_factory.mktemp("compiled"), num_mtp=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pair(folder):
+    return load(folder, device="cpu"), load(folder, device="cpu", compile=True)
 
 
 @pytest.mark.parametrize("name", list(DRAFTS))
@@ -45,3 +52,57 @@ def test_sampling_with_a_seed_matches_eager(pair):
     eager, compiled = pair
     kwargs = dict(input_ids=PROMPT, max_new_tokens=16, draft="chain", num_draft_tokens=2, temperature=0.9, seed=5)
     assert compiled.generate(**kwargs).token_ids == eager.generate(**kwargs).token_ids
+
+
+def test_saved_graphs_load_in_a_new_runtime_and_broken_files_compile_again(folder, tmp_path):
+    kwargs = dict(input_ids=PROMPT, max_new_tokens=12, draft="chain", num_draft_tokens=2, ignore_eos=True)
+    expected = load(folder, device="cpu").generate(**kwargs).token_ids
+
+    def compiled_runtime():
+        runtime = load(folder, device="cpu")
+        runtime.compile(cache_dir=tmp_path)
+        assert runtime.generate(**kwargs).token_ids == expected
+        return runtime.forwards
+
+    first = compiled_runtime()
+    saved = sorted(tmp_path.glob("*.graph"))
+    assert first.graphs_loaded == 0 and len(saved) == first.graphs > 0
+    second = compiled_runtime()
+    assert second.graphs_loaded == second.graphs == first.graphs
+    for path in saved:
+        path.write_bytes(b"not a graph")
+    third = compiled_runtime()
+    assert third.graphs_loaded == 0 and third.graphs == first.graphs
+    assert all(path.stat().st_size > 100 for path in saved)  # compiled and saved again
+
+
+class _Function:
+    """Stands in for a compiled function: counts guard checks, passing them or not."""
+
+    def __init__(self, guards_pass: bool):
+        self.guards_pass, self.checks = guards_pass, 0
+
+    def disable_guard_check(self):
+        pass
+
+    def guard_check(self, *args):
+        self.checks += 1
+        return self.guards_pass
+
+
+def _plan(capacity: int) -> AttentionPlan:
+    cache = LatentCache(2, 1, capacity, 4, 2, initial_length=3)
+    positions = cache.lengths[:, None] + 0
+    return AttentionPlan.over_cache(cache, positions, causal_visibility(1, 1, positions, 0))
+
+
+def test_a_step_graph_checks_its_guards_on_its_first_calls_per_cache_only():
+    function = _Function(guards_pass=True)
+    graph = StepGraph(function)
+    plan = _plan(16)
+    for _ in range(GUARD_CHECKS + 3):
+        assert graph.admits((), plan)
+    assert function.checks == GUARD_CHECKS
+    assert graph.admits((), _plan(32))  # a new cache is checked again
+    assert function.checks == GUARD_CHECKS + 1
+    assert not StepGraph(_Function(guards_pass=False)).admits((), plan)
