@@ -12,7 +12,7 @@ k, n, the plan's kind, dtypes, the model's architecture). A call through torch.c
 guards first (about 400 tensor and 1,000 type checks for the shipped 20-layer trunk: 1.2-1.7 ms of a 9 ms step);
 a StepGraph checks them on its first calls against each new cache, where a failure compiles the key afresh, and
 then calls the graph directly. Graphs are saved under inductor's cache directory (`torch._inductor` cache_dir,
-TORCHINDUCTOR_CACHE_DIR), keyed also by the torch version and a digest of this package's source, so a new
+TORCHINDUCTOR_CACHE_DIR), keyed also by the torch version and a digest of the source they are traced from, so a new
 process loads a step shape in about 3 s instead of tracing it again (20-45 s from inductor's warm cache, about
 75 s cold, for the shipped model on this project's 2-core CPU).
 
@@ -54,12 +54,20 @@ def default_cache_dir() -> Path:
     return Path(cache_dir()) / "mtp_runtime_steps"
 
 
+TRACED_SOURCES = ("model", "forwards.py", "cache.py", "index_cache.py", "config.py", "compiled.py")
+"""The package's files a step graph is traced from (the networks, their cache and config, the step functions),
+relative to the package: a saved graph is reused only while they are unchanged."""
+
+
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
-    """A digest of this package's Python source: a saved graph is code traced from it."""
+    """A digest of TRACED_SOURCES."""
+    root = Path(__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
+    for name in TRACED_SOURCES:
+        paths = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        for path in paths:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
