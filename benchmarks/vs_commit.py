@@ -1,7 +1,8 @@
 """Plain (or any fixed-draft) decoding speed of this checkout against an older checkout of mtp-runtime, same model.
 
     git worktree add ../old f13e93c
-    python benchmarks/vs_commit.py ../old [--model FOLDER] [--prompts FILE] [--num-prompts 4] [--tokens 128] [--compile]
+    python benchmarks/vs_commit.py ../old [--model FOLDER] [--prompts FILE] [--num-prompts 4] [--tokens 128] \
+        [--draft MODE] [--compile [--compile-old]]
 
 Both checkouts run in child processes of the same interpreter (PYTHONPATH selects the code), one torch thread
 each, alternating for `--rounds` rounds so that both see the same load on a shared machine; each round decodes
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--draft", default="none", help="a draft mode both checkouts know (default: none)")
     parser.add_argument("--compile", action="store_true", help="compile this checkout's steps (the old one: eager)")
+    parser.add_argument("--compile-old", action="store_true", help="compile the old checkout's steps too (it must "
+                        "have compiled steps: load(compile=True))")
     args = parser.parse_args(argv)
     import mtp_runtime
 
@@ -79,7 +82,7 @@ def main(argv=None) -> None:
     outputs = {}
     for round_ in range(args.rounds):
         for name, checkout in (("old", args.old), ("new", new_checkout)):
-            result = run(checkout, dict(payload, compile=args.compile and name == "new"))
+            result = run(checkout, dict(payload, compile=args.compile and (name == "new" or args.compile_old)))
             best[name] = max(best[name], result["tokens_per_s"])
             outputs[name] = result["tokens"]
             print(f"round {round_ + 1}  {name:3s}  {result['tokens_per_s']:8.1f} tok/s  (warm-up call "

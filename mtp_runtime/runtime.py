@@ -153,12 +153,12 @@ class Runtime:
             self._threads = choose_threads(self.model) if self.device.type == "cpu" else torch.get_num_threads()
         return self._threads
 
-    def compile(self, cache_dir: str | Path | None = None) -> None:
+    def compile(self) -> None:
         """Run batch-1 decoding steps through compiled step graphs from now on (see compiled.py).
 
-        Each new step shape compiles on first use (about a minute for the shipped model on a 2-core CPU) and is
-        saved under `cache_dir` (default: beside inductor's on-disk caches), from where a later process loads it
-        in seconds; call this for long-running work (benchmarks, serving), not one short generate."""
+        Each new step shape compiles on first use (about a minute for the shipped model on a 2-core CPU; a few
+        seconds when torch's on-disk caches already hold it), so call this for long-running work (benchmarks,
+        serving), not one short generate."""
         if self.device.type != "cpu":
             raise DeviceError(f"compiled decoding is implemented and tested on the CPU only, not {self.device.type}; "
                               "run without --compile")
@@ -168,7 +168,7 @@ class Runtime:
         from .compiled import CompiledForwards
 
         if not self.forwards.compiled:
-            self.forwards = CompiledForwards(self.model, cache_dir)
+            self.forwards = CompiledForwards(self.model)
 
     @classmethod
     def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",

@@ -75,8 +75,8 @@ def compile_option(default: bool | None, default_text: str | None = None):
     return click.option(
         "--compile/--no-compile", "compile_steps", default=default, show_default=default_text or True,
         help="Run batch-1 decoding steps compiled (torch.compile, CPU): several times faster once each step shape "
-             "has compiled, which takes about a minute per shape the first time on a machine; compiled shapes are "
-             "saved and load in seconds in later runs. Pays for long runs, not for one short generation.")
+             "has compiled, which takes about a minute per shape the first time on a machine and seconds once "
+             "torch's on-disk caches hold it. Pays for long runs, not for one short generation.")
 
 
 sampling_options = _options(
