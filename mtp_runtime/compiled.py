@@ -11,10 +11,11 @@ Each graph is one `StepGraph`, found by a key that fixes what its code depends o
 the plan's kind, dtypes, thread count). A call through torch.compile evaluates dynamo's guards first (about 400
 tensor and 1,000 type checks for the shipped 20-layer trunk); a StepGraph is compiled ahead of time
 (`aot_compile`), checks its guards on its first calls against each new cache, where a failure compiles the key
-afresh, and then calls the graph directly (measured by benchmarks/vs_commit.py against the guarded calls: plain
-decoding 1.04x, `auto` 1.08x with moe.PAIRS_MAX). Inductor's and AOTAutograd's on-disk caches keep the compiled
-code across processes: a process that finds them warm builds the plain step in about 4 s, the shapes of an
-`auto` call in about 6.5 s; cold, each shape of the shipped model takes about a minute on this 2-core CPU.
+afresh, and then calls the graph directly (benchmarks/vs_commit.py against the guarded calls of the commit
+before: plain decoding 1.04x; `auto` 1.08x, the change of moe.PAIRS_MAX included). Inductor's and AOTAutograd's
+on-disk caches keep the compiled code across processes: a process that finds them warm builds the plain step in
+about 4 s, the shapes of an `auto` call in about 6.5 s; cold, each shape of the shipped model takes about a
+minute on this 2-core CPU.
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
 batches and prefills run eagerly. A graph is built the first time its shape is met (`bench` runs one untimed
@@ -95,11 +96,6 @@ class CompiledForwards(Forwards):
         if tokens.shape[0] != 1 or not step:
             return super().mtp(k, prev_hidden, tokens, plan)
         return self._call(mtp_step, ("mtp", k, tokens.shape[1]), (self.model, k, prev_hidden, tokens), plan)
-
-    @property
-    def graphs(self) -> int:
-        """Step graphs this instance holds."""
-        return len(self._graphs)
 
     def _call(self, fn, shape: tuple, leading: tuple, plan: AttentionPlan):
         """fn(*leading, plan) through the graph of its key. The graph gets a copy of the plan whose memo of

@@ -56,7 +56,7 @@ def test_sampling_with_a_seed_matches_eager(pair):
 
 
 def test_inputs_that_break_a_graphs_guards_compile_afresh_and_stay_right(pair):
-    eager, compiled = pair
+    _, compiled = pair
     forwards = compiled.forwards
     model = compiled.model
     cfg = model.config
