@@ -1,5 +1,5 @@
 """CompiledForwards: the step forwards of batch-1 decoding compiled ahead of time (torch.compile's aot_compile,
-inductor) and called without dynamo's per-call guards.
+inductor), called without dynamo's per-call guards, and kept on disk across processes.
 
 A decode step of a small model is bound by per-op overhead in eager PyTorch (thousands of small ops, each a few
 microseconds); compiled, the trunk and each MTP module run as one graph each, with their element-wise work fused.
@@ -12,22 +12,29 @@ the plan's kind, dtypes, thread count). A call through torch.compile evaluates d
 tensor and 1,000 type checks for the shipped 20-layer trunk); a StepGraph is compiled ahead of time
 (`aot_compile`), checks its guards on its first calls against each new cache, where a failure compiles the key
 afresh, and then calls the graph directly (benchmarks/vs_commit.py against the guarded calls of the commit
-before: plain decoding 1.04x; `auto` 1.08x, the change of moe.PAIRS_MAX included). Inductor's and AOTAutograd's
-on-disk caches keep the compiled code across processes: a process that finds them warm builds the plain step in
-about 4 s, the shapes of an `auto` call in about 6.5 s; cold, each shape of the shipped model takes about a
-minute on this 2-core CPU.
+before: plain decoding 1.04x; `auto` 1.08x, the change of moe.PAIRS_MAX included).
+
+Graphs are saved under inductor's cache directory (`torch._inductor` cache_dir, TORCHINDUCTOR_CACHE_DIR), keyed
+also by the torch version and a digest of the source they are traced from, so a new process loads a step shape
+in seconds instead of compiling it again (about a minute per shape of the shipped model on this project's 2-core
+CPU). Torch's own on-disk caches do not serve here: in torch 2.13 an ahead-of-time compile puts a fresh uuid
+(its backend id) into AOTAutograd's cache key, so every process misses them.
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
-batches and prefills run eagerly. A graph is built the first time its shape is met (`bench` runs one untimed
-warm-up call per configuration for that); `compile_seconds` counts that time. An input whose layout differs
-from the traced one without a guard check still fails loudly: inductor's generated code asserts the sizes and
-strides of the inputs it indexes.
+batches and prefills run eagerly. A graph is built or loaded the first time its shape is met (`bench` runs one
+untimed warm-up call per configuration for that); `compile_seconds` counts that time. An input whose layout
+differs from the traced one without a guard check still fails loudly: inductor's generated code asserts the
+sizes and strides of the inputs it indexes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -44,6 +51,30 @@ this project's 2-core CPU), and a drafting runtime needs one graph per verify wi
 GUARD_CHECKS = 2
 """Calls per new cache on which a graph's guards are still evaluated: the first one, and one with a longer span
 (a graph that had specialised the span would fail there and be compiled afresh)."""
+
+
+def default_cache_dir() -> Path:
+    """Where compiled step graphs are kept: beside inductor's own on-disk caches."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "mtp_runtime_steps"
+
+
+TRACED_SOURCES = ("model", "forwards.py", "cache.py", "index_cache.py", "config.py", "compiled.py")
+"""The package's files a step graph is traced from (the networks, their cache and config, the step functions),
+relative to the package: a saved graph is reused only while they are unchanged."""
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """A digest of TRACED_SOURCES."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in TRACED_SOURCES:
+        paths = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        for path in paths:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _mark_dynamic(plan: AttentionPlan) -> None:
@@ -80,11 +111,16 @@ class CompiledForwards(Forwards):
 
     compiled = True
 
-    def __init__(self, model: DeepseekForCausalLM):
+    def __init__(self, model: DeepseekForCausalLM, cache_dir: str | Path | None = None):
         super().__init__(model)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._graphs: dict[tuple, StepGraph] = {}
+        self._model_facts = (torch.__version__, _source_digest(), repr(model.config), repr(model),
+                             str(next(model.parameters()).dtype))
         self.graphs_built = 0
         """Graphs compiled so far, those whose guards later failed included."""
+        self.graphs_loaded = 0
+        """Graphs read from the disk cache instead of compiled."""
 
     def trunk(self, tokens: torch.Tensor, plan: AttentionPlan):
         if tokens.shape[0] != 1:
@@ -108,14 +144,40 @@ class CompiledForwards(Forwards):
         graph = self._graphs.get(key)
         if graph is None or not graph.admits(args, plan):
             start = time.perf_counter()
-            graph = self._graphs[key] = self._build(fn, args, plan)
+            graph = self._graphs[key] = self._build(fn, key, args, plan, reuse_saved=graph is None)
             self.compile_seconds += time.perf_counter() - start
         return graph(*args)
 
-    def _build(self, fn, args: tuple, plan: AttentionPlan) -> StepGraph:
+    def _build(self, fn, key: tuple, args: tuple, plan: AttentionPlan, reuse_saved: bool) -> StepGraph:
+        """The saved graph of this key when it admits these inputs, else a newly compiled one (then saved)."""
+        path = self.cache_dir / (hashlib.sha256(repr(self._model_facts + key).encode()).hexdigest()[:40] + ".graph")
+        if reuse_saved and path.exists():
+            graph = self._load(path)
+            if graph is not None and graph.admits(args, plan):
+                self.graphs_loaded += 1
+                return graph
         _mark_dynamic(plan)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             function = torch.compile(fn, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS).aot_compile(
                 (args, {}))
         self.graphs_built += 1
+        self._save(function, path)
         return StepGraph(function)
+
+    @staticmethod
+    def _load(path: Path) -> StepGraph | None:
+        """A saved graph, or None when the file cannot be read as one (it is then compiled and saved afresh)."""
+        try:
+            with open(path, "rb") as file:
+                return StepGraph(torch.compiler.load_compiled_function(file))
+        except Exception:  # a truncated or incompatible file is a cache miss, not an error
+            return None
+
+    @staticmethod
+    def _save(function, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            function.save_compiled_function(str(path))
+        except OSError as error:
+            warnings.warn(f"compiled step graph not saved to {path} ({error}); the next process compiles it again",
+                          stacklevel=3)

@@ -16,7 +16,7 @@ from .cache import LatentCache
 from .cache_layout import CacheLayout
 from .drafter import Drafter, MTPState
 from .errors import CacheCapacityError, NoMTPModulesError
-from .auto_draft import AutoDraft, ModelledCosts, StepCosts
+from .auto_draft import AutoDraft, DepthAcceptance, ModelledCosts, StepCosts
 from .forwards import Forwards
 from .memory import ensure_request_fits
 from .model import DeepseekForCausalLM
@@ -59,7 +59,8 @@ class Engine:
 
     def __init__(self, model: DeepseekForCausalLM, request: GenerationRequest,
                  stop_checker: StopChecker | None = None, flash_prefill: bool = True, forwards: Forwards | None = None,
-                 step_costs: StepCosts | None = None, cache_layout: CacheLayout | None = None):
+                 step_costs: StepCosts | None = None, depth_acceptance: DepthAcceptance | None = None,
+                 cache_layout: CacheLayout | None = None):
         self.model = model
         self.cache_layout = cache_layout if cache_layout is not None else CacheLayout.for_config(model.config)
         self.forwards = forwards if forwards is not None else Forwards(model)
@@ -79,7 +80,7 @@ class Engine:
         if request.draft.mode == "auto":
             seeded = not request.sampling.greedy and seed is not None  # its draws must not depend on timing
             costs = ModelledCosts() if seeded else step_costs if step_costs is not None else StepCosts()
-            self.auto = AutoDraft(request.draft.max_depth, costs)
+            self.auto = AutoDraft(request.draft.max_depth, costs, None if seeded else depth_acceptance)
 
     def run(self, prompts: list[list[int]]) -> Iterator[StepOutput]:
         """Yield each step's emitted tokens until all sequences stop; stats are in `self.stats`."""

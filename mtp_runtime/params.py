@@ -13,8 +13,10 @@ from .verify.tree import MAX_TREE_DEPTH, StaticTreeShape, parse_tree_spec, tree_
 DRAFT_MODES = ("auto", "none", "chain", "tree", "dynamic")
 DEFAULT_DRAFT_MODE = "auto"
 DEFAULT_CHAIN_TOKENS = 1
-AUTO_MAX_DEPTH = 4
-"""auto: the deepest chain it considers (num_draft_tokens overrides)."""
+AUTO_MAX_DEPTH = 8
+"""auto: the deepest chain it considers (num_draft_tokens overrides). On the shipped model a chain of 8 is still
+faster than one of 4 (verifying 9 nodes reads little more expert weight than 5 do), and auto shortens the chain
+where the text is harder (BENCHMARKS.md §13)."""
 MAX_DRAFT_TOKENS = 256
 DRAFT_KNOBS = {
     "auto": ("num_draft_tokens",),

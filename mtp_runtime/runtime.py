@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache_layout import CacheLayout
-from .auto_draft import StepCosts
+from .auto_draft import DepthAcceptance, StepCosts
 from .checkpoint import load_model, open_folder
 from .config import ModelConfig
 from .engine import Engine
@@ -139,6 +139,8 @@ class Runtime:
         """How decoding steps run their forwards: eagerly, or compiled after `compile()`."""
         self.step_costs = StepCosts()
         """Measured step times per draft depth, which draft='auto' chooses by; kept across calls."""
+        self.depth_acceptance = DepthAcceptance()
+        """The acceptance per draft depth that draft='auto' measured; later calls start from it."""
         if index_keys_fp8 and self.config.indexer is None:
             raise ConfigError(f"index_keys_fp8 applies to sparse-attention models (deepseek_v32), not "
                               f"{self.config.model_type}; leave it off")
@@ -153,12 +155,12 @@ class Runtime:
             self._threads = choose_threads(self.model) if self.device.type == "cpu" else torch.get_num_threads()
         return self._threads
 
-    def compile(self) -> None:
+    def compile(self, cache_dir: str | Path | None = None) -> None:
         """Run batch-1 decoding steps through compiled step graphs from now on (see compiled.py).
 
-        Each new step shape compiles on first use (about a minute for the shipped model on a 2-core CPU; a few
-        seconds when torch's on-disk caches already hold it), so call this for long-running work (benchmarks,
-        serving), not one short generate."""
+        Each new step shape compiles on first use (about a minute for the shipped model on a 2-core CPU) and is
+        saved under `cache_dir` (default: beside inductor's on-disk caches), from where a later process loads it
+        in seconds; call this for long-running work (benchmarks, serving), not one short generate."""
         if self.device.type != "cpu":
             raise DeviceError(f"compiled decoding is implemented and tested on the CPU only, not {self.device.type}; "
                               "run without --compile")
@@ -168,7 +170,7 @@ class Runtime:
         from .compiled import CompiledForwards
 
         if not self.forwards.compiled:
-            self.forwards = CompiledForwards(self.model)
+            self.forwards = CompiledForwards(self.model, cache_dir)
 
     @classmethod
     def from_folder(cls, path: str | Path, device=None, dtype=None, attention: str = "auto",
@@ -294,7 +296,8 @@ class Runtime:
         texts = [TextStream(self.tokenizer, request.stop_strings) for _ in prompts]
         stops = StopStrings(texts) if request.stop_strings else None
         engine = Engine(self.model, request, stops, flash_prefill=self.attention != "sdpa", forwards=self.forwards,
-                        step_costs=self.step_costs, cache_layout=self.cache_layout)
+                        step_costs=self.step_costs, depth_acceptance=self.depth_acceptance,
+                        cache_layout=self.cache_layout)
         finish = ["length"] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
         for step in engine.run(prompts):

@@ -11,7 +11,8 @@ import pytest
 
 from builders import build_checkpoint, build_mostly_right
 from mtp_runtime import load
-from mtp_runtime.auto_draft import EXPLORE_EVERY, PRIOR_ACCEPTANCE, AutoDraft, ModelledCosts, StepCosts
+from mtp_runtime.auto_draft import (CARRIED_WEIGHT, EXPLORE_EVERY, FORGET, PRIOR_ACCEPTANCE, PRIOR_WEIGHT, AutoDraft,
+                                    DepthAcceptance, ModelledCosts, StepCosts, non_decreasing)
 
 PROMPTS = [[5], [17, 3, 44], [9, 9, 31, 2, 60, 12, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
@@ -52,12 +53,16 @@ def test_auto_falls_back_to_plain_decoding_when_drafts_are_never_right(never_rig
 
 
 def test_auto_sampling_repeats_with_a_seed(tmp_path):
-    """With measured (noisy) costs too: seeded sampling chooses by modelled costs, so its draws repeat."""
+    """With measured (noisy) costs and earlier calls' acceptance too: seeded sampling chooses by modelled costs and
+    the acceptance of its own call, so its draws repeat."""
     rt = load(build_mostly_right(tmp_path, num_mtp=2, seed=3), device="cpu")
-    runs = [rt.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=32, temperature=0.8, seed=7)
-            for _ in range(3)]
+    runs = []
+    for _ in range(3):
+        runs.append(rt.generate(input_ids=PROMPTS[2], draft="auto", max_new_tokens=32, temperature=0.8, seed=7))
+        rt.generate(input_ids=PROMPTS[1], draft="auto", max_new_tokens=16)  # moves the runtime's acceptance
     assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
     assert sum(runs[0].stats.draft_sizes.values()) > 0
+    assert rt.depth_acceptance.attempts  # greedy calls record it; seeded ones neither read nor move it
 
 
 def test_auto_respects_its_longest_chain(mostly_right):
@@ -70,12 +75,25 @@ def test_auto_respects_its_longest_chain(mostly_right):
 # --- the choice rule -------------------------------------------------------------------------------------
 
 
+def counted(*rates: float, weight: float = 1e6) -> DepthAcceptance:
+    """Acceptance measured so often that the priors vanish: exactly `rates` per depth."""
+    return DepthAcceptance([weight] * len(rates), [weight * r for r in rates])
+
+
 def test_expected_tokens_follow_the_per_depth_rates():
     auto = AutoDraft(3, StepCosts())
-    auto.attempts, auto.accepts = [10.0, 10.0, 10.0], [8.0, 5.0, 2.0]
+    auto.estimate = counted(0.8, 0.5, 0.2)
     assert auto.expected_tokens(0) == 1.0
     assert auto.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
     assert auto.expected_tokens(3) == pytest.approx(1 + 0.8 + 0.4 + 0.4 * 0.2)
+
+
+def test_a_depth_seldom_drafted_leans_on_the_depth_above():
+    rates = DepthAcceptance([100.0, 1.0], [95.0, 0.0]).rates(4)
+    assert rates[0] == pytest.approx((95 + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (100 + PRIOR_WEIGHT))
+    assert rates[1] == pytest.approx(PRIOR_WEIGHT * rates[0] / (1 + PRIOR_WEIGHT))  # one rejection: pulled down
+    assert rates[2] == rates[3] == pytest.approx(rates[1])  # never drafted: the estimate above
+    assert DepthAcceptance().rates(2) == [PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE]
 
 
 def test_untried_depths_come_first_then_the_best_rate():
@@ -87,21 +105,44 @@ def test_untried_depths_come_first_then_the_best_rate():
     costs.verify.update({(1, 0): 1.0, (1, 1): 1.0, (1, 2): 1.0})
     costs.draft.update({(1, 1): 0.1, (1, 2): 0.2})
     auto = AutoDraft(2, costs)
-    auto.attempts, auto.accepts = [10.0, 10.0], [9.0, 9.0]  # 0.9 per depth: the deepest chain pays
+    auto.estimate = counted(0.9, 0.9)  # the deepest chain pays
     assert auto.choose(1) == 2
-    auto.attempts, auto.accepts = [10.0, 10.0], [0.0, 0.0]  # nothing accepted: plain decoding
+    auto.estimate = counted(0.0, 0.0)  # nothing accepted: plain decoding
+    assert auto.choose(1) == 0
+
+
+def test_a_deeper_chain_is_never_taken_for_cheaper():
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert non_decreasing([1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.0, 2.5, 2.5, 4.0])
+    assert non_decreasing([3.0, 1.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    costs = StepCosts()
+    costs.verify.update({(1, 0): 1.0, (1, 1): 1.3, (1, 2): 0.8})  # depth 2 measured on lucky steps
+    costs.draft.update({(1, 1): 0.2, (1, 2): 0.2})
+    auto = AutoDraft(2, costs)
+    auto.estimate = counted(0.2, 0.1)
+    # as measured (1.0, 1.5, 1.0) depth 2 would win (1.22 tokens per unit); pooled (1.0, 1.25, 1.25) plain does
     assert auto.choose(1) == 0
 
 
 def test_observe_counts_only_depths_whose_parent_was_accepted():
-    auto = AutoDraft(3, StepCosts())
-    before = list(auto.attempts)
-    auto.observe(3, [0, 3, 1])
+    estimate = DepthAcceptance()
+    estimate.observe(3, [0, 3, 1])
     # depth 1 is tried by every row and kept by two; depth 2 is tried by those two; depth 3 by one (row 1)
-    assert auto.attempts[0] == pytest.approx(0.98 * before[0] + 3)
-    assert auto.accepts[0] == pytest.approx(0.98 * 2 * PRIOR_ACCEPTANCE + 2)
-    assert auto.attempts[1] == pytest.approx(0.98 * before[1] + 2)
-    assert auto.attempts[2] == pytest.approx(0.98 * before[2] + 1)
+    assert estimate.attempts == [3, 2, 1] and estimate.accepts == [2, 1, 1]
+    estimate.observe(1, [1])
+    assert estimate.attempts == pytest.approx([FORGET * 3 + 1, 2, 1])
+    assert estimate.accepts == pytest.approx([FORGET * 2 + 1, 1, 1])
+
+
+def test_a_call_starts_from_what_earlier_calls_measured_weighing_a_few_steps():
+    history = counted(0.95, 0.9, weight=500.0)
+    auto = AutoDraft(3, StepCosts(), history)
+    assert auto.estimate.attempts == pytest.approx([CARRIED_WEIGHT, CARRIED_WEIGHT])
+    assert auto.estimate.accepts == pytest.approx([0.95 * CARRIED_WEIGHT, 0.9 * CARRIED_WEIGHT])
+    for _ in range(3):
+        auto.observe(2, [0])  # a text whose drafts fail moves this call's estimate within a few steps
+    assert auto.acceptance()[0] < 0.85
+    assert history.attempts[0] == pytest.approx(500 * FORGET**3 + sum(FORGET**i for i in range(3)))
 
 
 def test_plain_decoding_is_probed_less_and_less_often():

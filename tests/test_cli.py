@@ -273,7 +273,7 @@ def test_sweep_configurations():
     configs = bench.sweep(["chain", "dynamic", "chain"], [1, 2], depth=3, topk=2)
     assert [c.name for c in configs] == ["plain", "chain k=1", "chain k=2", "dynamic n=1 d=3 k=2",
                                          "dynamic n=2 d=3 k=2"]
-    assert [c.name for c in bench.sweep()] == ["plain", "auto k<=4", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    assert [c.name for c in bench.sweep()] == ["plain", "auto k<=8", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
     with pytest.raises(GenerationSettingsError):
         bench.sweep(["chain"], [0])
 
@@ -498,18 +498,18 @@ def test_bench_default_is_quick_and_full_is_one_flag_away(tiny, tmp_path):
     result = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert [c["name"] for c in report["configs"]] == ["plain", "auto k<=4", "chain k=1"]
+    assert [c["name"] for c in report["configs"]] == ["plain", "auto k<=8", "chain k=1"]
     assert report["max_new_tokens"] == 64 and report["machine"]["compiled"] is False
     plain, auto, chain = report["configs"]
     assert set(plain) & {"num_draft_tokens", "tree", "depth", "draft_topk"} == set()  # no knobs that do not apply
-    assert auto["num_draft_tokens"] == 4 and chain["num_draft_tokens"] == 1 and "depth" not in chain
+    assert auto["num_draft_tokens"] == 8 and chain["num_draft_tokens"] == 1 and "depth" not in chain
     # the progress bar (on by default) ends its own line: the last line is the file's alone
     assert result.stderr.split("\n")[-2] == f"figures written to {out}", result.stderr[-300:]
     full = run("bench", "--model", tiny, "--prompts", _prompt_file(tmp_path), "--full", "--no-compile",
                "--max-new-tokens", 4, "--json", out, "--no-progress")
     assert full.exit_code == 0, full.output
     configs = json.loads(out.read_text())["configs"]
-    assert [c["name"] for c in configs] == ["plain", "auto k<=4", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
+    assert [c["name"] for c in configs] == ["plain", "auto k<=8", "chain k=1", "tree 3,2,1", "dynamic n=8 d=4 k=4"]
     assert {k: configs[-1][k] for k in ("num_draft_tokens", "depth", "draft_topk")} == {
         "num_draft_tokens": 8, "depth": 4, "draft_topk": 4}
     assert configs[3]["tree"] == "3,2,1"

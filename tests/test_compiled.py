@@ -1,5 +1,6 @@
 """Compiled decoding (Runtime.compile: batch-1 step forwards through compiled step graphs) gives the eager
-tokens; a graph whose guards fail is compiled afresh; a graph checks its guards on its first calls per cache.
+tokens; saved graphs load in a new runtime with the same tokens; a graph whose guards fail is compiled afresh; a
+graph checks its guards on its first calls per cache.
 
 Compiling costs seconds per step shape even on the tiny test model, so one module-scoped runtime compiles a
 handful of shapes once and every test reuses them.
@@ -53,6 +54,28 @@ def test_sampling_with_a_seed_matches_eager(pair):
     eager, compiled = pair
     kwargs = dict(input_ids=PROMPT, max_new_tokens=16, draft="chain", num_draft_tokens=2, temperature=0.9, seed=5)
     assert compiled.generate(**kwargs).token_ids == eager.generate(**kwargs).token_ids
+
+
+def test_saved_graphs_load_in_a_new_runtime_and_broken_files_compile_again(folder, tmp_path):
+    kwargs = dict(input_ids=PROMPT, max_new_tokens=12, draft="chain", num_draft_tokens=2, ignore_eos=True)
+    expected = load(folder, device="cpu").generate(**kwargs).token_ids
+
+    def compiled_runtime():
+        runtime = load(folder, device="cpu")
+        runtime.compile(cache_dir=tmp_path)
+        assert runtime.generate(**kwargs).token_ids == expected
+        return runtime.forwards
+
+    first = compiled_runtime()
+    saved = sorted(tmp_path.glob("*.graph"))
+    assert first.graphs_loaded == 0 and len(saved) == first.graphs_built > 0
+    second = compiled_runtime()
+    assert second.graphs_built == 0 and second.graphs_loaded == first.graphs_built
+    for path in saved:
+        path.write_bytes(b"not a graph")
+    third = compiled_runtime()
+    assert third.graphs_loaded == 0 and third.graphs_built == first.graphs_built
+    assert all(path.stat().st_size > 100 for path in saved)  # compiled and saved again
 
 
 def test_inputs_that_break_a_graphs_guards_compile_afresh_and_stay_right(pair):

@@ -229,10 +229,14 @@ def test_topk_is_the_old_name_of_draft_topk(api_runtime):
 
 def test_the_cli_and_the_runtime_resolve_draft_defaults_alike():
     """One resolver (params.resolve_draft): what the CLI checks before loading is what the runtime runs."""
-    from mtp_runtime.params import AUTO_MAX_DEPTH, DEFAULT_DRAFT_MODE, resolve_draft
+    from mtp_runtime.cli.common import NUM_DRAFT_TOKENS_HELP
+    from mtp_runtime.params import AUTO_MAX_DEPTH, DEFAULT_CHAIN_TOKENS, DEFAULT_DRAFT_MODE, resolve_draft
 
     assert resolve_draft(None, None).mode == resolve_draft(None, 3).mode == DEFAULT_DRAFT_MODE == "auto"
     assert resolve_draft(None, 3).num_draft_tokens == AUTO_MAX_DEPTH
+    assert resolve_draft("chain", 3).num_draft_tokens == DEFAULT_CHAIN_TOKENS
+    assert (f"per step (default {DEFAULT_CHAIN_TOKENS})" in NUM_DRAFT_TOKENS_HELP
+            and f"may choose (default {AUTO_MAX_DEPTH})" in NUM_DRAFT_TOKENS_HELP)  # --help says what runs
     assert resolve_draft(None, 0).mode == "none" and resolve_draft(None, 3, tree="2,1").mode == "tree"
     with pytest.raises(NoMTPModulesError):
         resolve_draft(None, 0, num_draft_tokens=2)  # asks to draft, on a checkpoint that cannot

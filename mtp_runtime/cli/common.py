@@ -18,7 +18,8 @@ DRAFT_HELP = ("Drafting: auto (each step drafts the chain length, none included,
 TREE_SPEC = ("branching per depth as '3,2,1' (3 children of the root, 2 of each, 1 of each), or Medusa-style JSON "
              "paths of child ranks, e.g. '[[0],[1],[0,0]]'.  [default: 3,2,1]")
 NUM_DRAFT_TOKENS_HELP = ("chain: tokens drafted per step (default 1); auto: the longest chain it may choose (default "
-                         "4); dynamic: draft nodes kept per step (default 8). Not read by tree and none.")
+                         "8); dynamic: draft nodes kept per step (default 8). Not read by tree and none.")
+"""Literal defaults (params.py imports torch, which --help should not wait for); a test checks them."""
 DEPTH_HELP = "dynamic only: maximum draft depth.  [default: 4]"
 DRAFT_TOPK_HELP = ("dynamic only: children drafted per expanded node, and nodes expanded per depth (draft branching; "
                    "not sampling's --top-k).  [default: 4]")
@@ -75,8 +76,8 @@ def compile_option(default: bool | None, default_text: str | None = None):
     return click.option(
         "--compile/--no-compile", "compile_steps", default=default, show_default=default_text or True,
         help="Run batch-1 decoding steps compiled (torch.compile, CPU): several times faster once each step shape "
-             "has compiled, which takes about a minute per shape the first time on a machine and seconds once "
-             "torch's on-disk caches hold it. Pays for long runs, not for one short generation.")
+             "has compiled, which takes about a minute per shape the first time on a machine; compiled shapes are "
+             "saved and load in seconds in later runs. Pays for long runs, not for one short generation.")
 
 
 sampling_options = _options(

@@ -41,7 +41,7 @@ class RunningGroup:
         rt = self.runtime
         return Engine(rt.model, self.settings.request(max_new_tokens), stop_checker,
                       flash_prefill=rt.attention != "sdpa", forwards=rt.forwards, step_costs=rt.step_costs,
-                      cache_layout=rt.cache_layout)
+                      depth_acceptance=rt.depth_acceptance, cache_layout=rt.cache_layout)
 
     def _check(self, seq: int, tokens: list[int]) -> int | None:
         return self.sequences[seq].check(tokens)
