@@ -4,10 +4,13 @@ MTP depth (a module pass with its head) against one trunk decoder layer, eager a
     python benchmarks/step_costs.py [--model FOLDER] [--context 256] [--nodes 1,2,4,8,16] [--json out.json]
 
 Each figure is the fastest of several timed rounds after warm-up calls (minima resist the noise of a shared
-machine). Trees are chains (every node sees its ancestors), against `--context` committed cache entries. One
-decoder layer's cost is (trunk forward - head) / layers, the head being timed alone. The MTP depth is module 1's
-pass of a chain step: the appended slots of the previous step (chain depth + 1 of them) and its draft node, then
-its head on that node.
+machine). Trees are chains (every node sees its ancestors), against `--context` committed cache entries. The n
+nodes are n consecutive tokens of the first held-out prompt (`--tokens text`, the default) or random ids
+(`--tokens random`): the tokens choose the routed experts, and a forward's cost follows the weight bytes it reads,
+so each trunk figure comes with the distinct routed experts per MoE layer it used (random ids route nearly
+uniformly and use more of them than text does). One decoder layer's cost is (trunk forward - head) / layers,
+the head being timed alone. The MTP depth is module 1's pass of a chain step: the appended slots of the previous
+step (chain depth + 1 of them) and its draft node, then its head on that node.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import mtp_runtime
 from mtp_runtime.cache import LatentCache
 from mtp_runtime.compiled import CompiledForwards
 from mtp_runtime.forwards import Forwards
+from mtp_runtime.model.moe import Gate
 from mtp_runtime.model.plan import AttentionPlan, causal_visibility
+from mtp_runtime.prompts import default_prompts
 
 
 def fastest(fn, calls: int = 20, rounds: int = 5) -> float:
@@ -43,18 +48,42 @@ def chain_plan(cache: LatentCache, n: int, start: int = 0) -> AttentionPlan:
     return AttentionPlan.over_cache(cache, positions, causal_visibility(1, n, positions, start), start=start)
 
 
-def measure(forwards: Forwards, context: int, nodes: list[int], chain_depth: int) -> dict:
+def node_tokens(runtime, source: str, n: int) -> torch.Tensor:
+    """[1, n] token ids: n consecutive tokens of the first held-out prompt, or random ids."""
+    if source == "random":
+        return torch.randint(0, runtime.config.vocab_size, (1, n))
+    text = runtime.encode(default_prompts(1)[0])
+    if len(text) < n:
+        raise SystemExit(f"the first held-out prompt has {len(text)} tokens, fewer than {n}; use --tokens random")
+    return torch.tensor(text[:n])[None]
+
+
+def experts_used(model, tokens: torch.Tensor, plan: AttentionPlan) -> float | None:
+    """Mean distinct routed experts per trunk MoE layer in one eager forward over tokens (None without MoE)."""
+    counts = []
+    hooks = [m.register_forward_hook(lambda _m, _x, out: counts.append(out[1].unique().numel()))
+             for m in model.model.modules() if isinstance(m, Gate)]
+    with torch.inference_mode():
+        model.forward_trunk(tokens, plan)
+    for hook in hooks:
+        hook.remove()
+    return sum(counts) / len(counts) if counts else None
+
+
+def measure(forwards: Forwards, context: int, nodes: list[int], chain_depth: int, tokens_of) -> dict:
     model = forwards.model
     cfg = model.config
     capacity = context + max(nodes) + 8
     trunk = LatentCache(cfg.num_hidden_layers, 1, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                         initial_length=context)
-    figures = {"trunk_ms": {}}
-    with torch.inference_mode():
-        for n in nodes:
-            tokens = torch.randint(0, cfg.vocab_size, (1, n))
-            plan = chain_plan(trunk, n)
+    figures = {"trunk_ms": {}, "experts_per_layer": {}}
+    for n in nodes:
+        tokens = tokens_of(n)
+        plan = chain_plan(trunk, n)
+        figures["experts_per_layer"][n] = experts_used(model, tokens, plan)
+        with torch.inference_mode():
             figures["trunk_ms"][n] = fastest(lambda: forwards.trunk(tokens, plan)) * 1e3
+    with torch.inference_mode():
         hidden = torch.randn(1, 1, cfg.hidden_size)
         head = fastest(lambda: model.logits(hidden)) * 1e3
         figures["head_ms"] = head
@@ -81,24 +110,30 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--nodes", default="1,2,4,8,16")
     parser.add_argument("--chain-depth", type=int, default=3, help="the chain whose step the MTP pass belongs to")
+    parser.add_argument("--tokens", choices=("text", "random"), default="text",
+                        help="the verified nodes' token ids: held-out text (default) or random")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     runtime = mtp_runtime.load(args.model, threads=1)
     torch.set_num_threads(runtime.threads)
     nodes = [int(n) for n in args.nodes.split(",")]
-    results = {"model": str(runtime.path), "threads": runtime.threads, "context": args.context}
+    results = {"model": str(runtime.path), "threads": runtime.threads, "context": args.context,
+               "tokens": args.tokens}
+    tokens_of = lambda n: node_tokens(runtime, args.tokens, n)
     modes = [("eager", Forwards(runtime.model))] + ([] if args.no_compile else
                                                      [("compiled", CompiledForwards(runtime.model))])
     for name, forwards in modes:
         start = time.perf_counter()
-        results[name] = measure(forwards, args.context, nodes, args.chain_depth)
+        results[name] = measure(forwards, args.context, nodes, args.chain_depth, tokens_of)
         results[name]["wall_s"] = time.perf_counter() - start
         if forwards.compiled:
             results[name]["compile_s"] = forwards.compile_seconds
         r = results[name]
+        experts = r["experts_per_layer"]
         print(f"{name}: plain step {r['trunk_ms'][1]:.2f} ms; verify over n nodes / plain: "
-              + ", ".join(f"n={n} {x:.2f}x" for n, x in r["verify_over_plain"].items())
+              + ", ".join(f"n={n} {x:.2f}x" + (f" ({experts[n]:.1f} experts/layer)" if experts[n] else "")
+                          for n, x in r["verify_over_plain"].items())
               + f"; layer {r['layer_ms']:.3f} ms, head {r['head_ms']:.3f} ms"
               + (f"; one MTP depth {r['mtp_depth_ms']:.3f} ms = {r['mtp_depth_over_layer']:.2f} layers = "
                  f"{r['mtp_depth_over_trunk']:.3f} trunk steps" if "mtp_depth_ms" in r else ""))

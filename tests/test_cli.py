@@ -197,6 +197,39 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_timed_bench_run_that_compiled_is_timed_again(tiny):
+    """Its wall time would hold the compile: the run is timed again, the compile reported on its own."""
+    from mtp_runtime.bench.configs import DraftConfig
+    from mtp_runtime.bench.run import run_bench
+    from mtp_runtime.forwards import Forwards
+
+    class CompilesOnRequest(Forwards):
+        pending = 0
+
+        def trunk(self, tokens, plan):
+            if self.pending:
+                self.pending -= 1
+                self.compile_seconds += 60.0
+            return super().trunk(tokens, plan)
+
+    runtime = mtp_runtime.load(tiny, device="cpu")
+    runtime.forwards = CompilesOnRequest(runtime.model)
+    calls, generate = [], runtime.generate
+
+    def counted(**kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        if len(calls) == 3:  # the first timed call, after the warm-ups of plain and the chain
+            runtime.forwards.pending = 1
+        return generate(**kwargs)
+
+    runtime.generate = counted
+    report = run_bench(runtime, SNIPPETS[:2], [DraftConfig("chain", num_draft_tokens=2)], max_new_tokens=8)
+    assert len(calls) == 2 + 2 * 2 + 1  # warm-ups, 2 prompts x 2 configs, and the call that compiled once more
+    assert report.compile_seconds == 0.0 and report.compile_seconds_timed == 60.0
+    assert all(len(result.runs) == 2 for result in report.results)
+    assert all(run.token_ids == plain.token_ids for run, plain in zip(report.results[1].runs, report.results[0].runs))
+
+
 def test_bench_batch_sizes(tiny, tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("\n\n".join(SNIPPETS[:3]), encoding="utf-8")

@@ -10,6 +10,7 @@ import torch
 import mtp_runtime
 from builders import build_model, save_model
 from mtp_runtime.cache import LatentCache
+from mtp_runtime.model import moe
 from mtp_runtime.model.plan import AttentionPlan
 from mtp_runtime.runtime import Runtime
 
@@ -227,6 +228,22 @@ def naive_moe(moe, cfg, x):
             out[t] += w * swiglu(x[t], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
     sh = moe.shared_experts
     return out + swiglu(x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+
+
+def _pair_path_edges(model) -> list[int]:
+    """Token counts on both sides of moe.PAIRS_MAX for this model's top-k."""
+    most = moe.PAIRS_MAX // model.config.num_experts_per_tok
+    return [1, most, most + 1, 3 * most]
+
+
+@pytest.mark.parametrize("edge", range(4))
+def test_moe_matches_naive_reference_on_both_expert_paths(model, edge):
+    """Pair by pair (up to PAIRS_MAX pairs) and the grouped matmul (past it) both give the naive per-token loop."""
+    cfg = model.config
+    tokens = _pair_path_edges(model)[edge]
+    layer = next(layer for layer in model.model.layers if isinstance(layer.mlp, moe.MoE))
+    x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(30 + edge))
+    torch.testing.assert_close(layer.mlp(x[None])[0], naive_moe(layer.mlp, cfg, x), atol=LOGITS_ATOL, rtol=1e-4)
 
 
 def naive_mtp(model, k, prev_hidden, tokens, embedding_first=True):

@@ -22,9 +22,9 @@ def format_report(report: BenchReport) -> str:
             f"{m['device']} {m['dtype']}, torch threads: {m['torch_threads']}"
             f"{'' if m.get('world_size', 1) == 1 else ', ranks: ' + str(m['world_size'])}")
     speed, notes = _speed_table(report)
+    timed = report.compile_seconds_timed
     compiled = [f"compiled batch-1 steps: {report.compile_seconds:.1f} s compiling during warm-up"
-                f"{f', {report.compile_seconds_timed:.1f} s during the timed runs' if report.compile_seconds_timed else ''}"
-                ] if m.get("compiled") else []
+                f"{f', {timed:.1f} s in timed calls (timed again)' if timed else ''}"] if m.get("compiled") else []
     auto = [f"{r.config.name} drafted per step: {_shares(r.stats.draft_sizes)}"
             for r in report.drafting if r.config.mode == "auto"]
     return "\n".join([head, *compiled, "", _table(_acceptance_table(report), left=6), "", _table(speed), *notes,

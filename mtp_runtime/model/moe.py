@@ -1,9 +1,9 @@
 """DeepSeekMoE: a routing gate, fine-grained routed experts, and shared experts.
 
 Routed experts never copy weights:
-* a decode step, or any step of at most PAIRS_MAX (token, expert) pairs: each pair runs on views of its expert's
-  weights, so only the chosen experts' weights are read (decoding a small model is bound by the bytes of weights
-  it reads). The expert ids are read once (on the host in eager mode; as unbacked integers inside a compiled
+* a decode step, or any step of at most PAIRS_MAX (token, expert) pairs (five tokens of top-2 routing): each
+  pair runs on views of its expert's weights, so only the chosen experts' weights are read (decoding a small
+  model is bound by the bytes of weights it reads). The expert ids are read once (on the host in eager mode; as unbacked integers inside a compiled
   graph, which unrolls the pairs of its fixed shape without a graph break);
 * more tokens: sorted by expert, then one grouped matmul per projection over every expert's segment
   (`grouped_swiglu`, an op of its own), which reads each used expert once; training runs each expert once on its
@@ -18,12 +18,14 @@ from torch import nn
 
 from ..config import ModelConfig
 
-PAIRS_MAX = 4
-"""Up to this many (token, expert) pairs run pair by pair: two tokens of top-2 routing. Past that the grouped
-matmul reads each used expert once where pairs re-read the experts tokens share (benchmarks/step_costs.py on the
-shipped 20-layer model, 256 cached tokens, against 16 pairs: eager verify over 5 nodes 1.55 vs 1.73 plain steps,
-over 8 nodes 1.65 vs 2.22; compiled over 8 nodes 2.09 vs 2.68, and an MTP pass over the 5 slots of a 4-draft
-chain 0.94 vs 2.25 ms; one token stays per pair, as it reads only its two experts)."""
+PAIRS_MAX = 10
+"""Up to this many (token, expert) pairs run pair by pair: five tokens of top-2 routing. Past that the grouped
+matmul, which reads each used expert once where pairs re-read the experts tokens share, is as fast or faster;
+below it the grouped path's fixed cost per layer (sorting, the op call, a `_grouped_mm` per projection) is the
+larger part. Compiled trunk over n nodes of real text, shipped 20-layer model, 256 cached tokens, medians of 150
+alternating calls (BENCHMARKS.md §14): n=3 13.6 ms pair by pair vs 17.0 grouped, n=5 16.4 vs 18.3, n=7 20.5 vs
+20.4 (§12 measured 16 pairs: 2.68 vs 2.09 plain steps compiled). One token always runs per pair: it reads only
+its own experts."""
 
 
 class DenseMLP(nn.Module):
