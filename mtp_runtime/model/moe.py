@@ -3,8 +3,9 @@
 Routed experts never copy weights:
 * a decode step, or any step of at most PAIRS_MAX (token, expert) pairs (five tokens of top-2 routing): each
   pair runs on views of its expert's weights, so only the chosen experts' weights are read (decoding a small
-  model is bound by the bytes of weights it reads). The expert ids are read once (on the host in eager mode; as unbacked integers inside a compiled
-  graph, which unrolls the pairs of its fixed shape without a graph break);
+  model is bound by the bytes of weights it reads). The expert ids are read once (on the host in eager mode;
+  as unbacked integers inside a compiled graph, which unrolls the pairs of its fixed shape without a graph
+  break);
 * more tokens: sorted by expert, then one grouped matmul per projection over every expert's segment
   (`grouped_swiglu`, an op of its own), which reads each used expert once; training runs each expert once on its
   segment instead (`swiglu_per_expert`, differentiable).
