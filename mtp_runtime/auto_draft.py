@@ -159,11 +159,15 @@ class AutoDraft:
 
     def expected_tokens(self, k: int) -> float:
         """Tokens one step of a k-draft chain emits on average (the bonus token included)."""
-        total, alive = 1.0, 1.0
-        for rate in self.acceptance()[:k]:
+        return self._expected_tokens()[k]
+
+    def _expected_tokens(self) -> list[float]:
+        """expected_tokens(k) for k = 0..K, from one estimate of the acceptance."""
+        totals, alive = [1.0], 1.0
+        for rate in self.acceptance():
             alive *= rate
-            total += alive
-        return total
+            totals.append(totals[-1] + alive)
+        return totals
 
     def choose(self, batch: int) -> int:
         """The chain depth of the next step."""
@@ -173,7 +177,8 @@ class AutoDraft:
             k = untried[0]
         else:
             costs = non_decreasing([self.costs.step(batch, k) for k in range(self.max_depth + 1)])
-            rates = {k: self.expected_tokens(k) / cost for k, cost in enumerate(costs)}
+            expected = self._expected_tokens()
+            rates = {k: expected[k] / cost for k, cost in enumerate(costs)}
             k = max(rates, key=rates.get)
             if self.steps >= self.next_probe:
                 k = self._probe(k, rates)
