@@ -48,14 +48,15 @@ def chain_plan(cache: LatentCache, n: int, start: int = 0) -> AttentionPlan:
     return AttentionPlan.over_cache(cache, positions, causal_visibility(1, n, positions, start), start=start)
 
 
-def node_tokens(runtime, source: str, n: int) -> torch.Tensor:
-    """[1, n] token ids: n consecutive tokens of the first held-out prompt, or random ids."""
+def node_tokens(runtime, source: str, nodes: list[int]):
+    """n -> [1, n] token ids: n consecutive tokens of the first held-out prompt (encoded once), or random ids."""
     if source == "random":
-        return torch.randint(0, runtime.config.vocab_size, (1, n))
+        return lambda n: torch.randint(0, runtime.config.vocab_size, (1, n))
     text = runtime.encode(default_prompts(1)[0])
-    if len(text) < n:
-        raise SystemExit(f"the first held-out prompt has {len(text)} tokens, fewer than {n}; use --tokens random")
-    return torch.tensor(text[:n])[None]
+    if len(text) < max(nodes):
+        raise SystemExit(f"the first held-out prompt has {len(text)} tokens, fewer than {max(nodes)}; "
+                         "use --tokens random")
+    return lambda n: torch.tensor(text[:n])[None]
 
 
 def experts_used(model, tokens: torch.Tensor, plan: AttentionPlan) -> float | None:
@@ -120,7 +121,7 @@ def main() -> None:
     nodes = [int(n) for n in args.nodes.split(",")]
     results = {"model": str(runtime.path), "threads": runtime.threads, "context": args.context,
                "tokens": args.tokens}
-    tokens_of = lambda n: node_tokens(runtime, args.tokens, n)
+    tokens_of = node_tokens(runtime, args.tokens, nodes)
     modes = [("eager", Forwards(runtime.model))] + ([] if args.no_compile else
                                                      [("compiled", CompiledForwards(runtime.model))])
     for name, forwards in modes:
