@@ -2,7 +2,8 @@
 inductor), called without dynamo's per-call guards, and kept on disk across processes.
 
 A decode step of a small model is bound by per-op overhead in eager PyTorch (thousands of small ops, each a few
-microseconds); compiled, the trunk and each MTP module run as one graph each, with their element-wise work fused.
+microseconds); compiled, the trunk and each MTP module run as one graph each, with their element-wise work fused
+and their products over a step's few rows generated as loops of inductor's own (small_matmuls.py).
 Every forward of a step has a shape fixed by the draft shape: n tokens against a cache whose attended span and
 capacity are marked dynamic, so the span growing step after step never recompiles, and a one-token MoE step reads
 its chosen experts by unbacked integer indices inside the graph (no host sync, no graph break).
@@ -17,8 +18,11 @@ before: plain decoding 1.04x; `auto` 1.08x, the change of moe.PAIRS_MAX included
 Graphs are saved under inductor's cache directory (`torch._inductor` cache_dir, TORCHINDUCTOR_CACHE_DIR), keyed
 also by the torch version and a digest of the source they are traced from, so a new process loads a step shape
 in seconds instead of compiling it again (about a minute per shape of the shipped model on this project's 2-core
-CPU). Torch's own on-disk caches do not serve here: in torch 2.13 an ahead-of-time compile puts a fresh uuid
-(its backend id) into AOTAutograd's cache key, so every process misses them.
+CPU). Callers whose inputs differ in what a key does not fix (a mask built another way, int32 token ids) fail
+each other's guards; each key keeps up to SAVED_VARIANTS graphs on disk, so that each caller loads its own instead
+of compiling again and overwriting the other's. Torch's own on-disk caches do not serve here: in
+torch 2.13 an ahead-of-time compile puts a fresh uuid (its backend id) into AOTAutograd's cache key, so every
+process misses them.
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
 batches and prefills run eagerly. A graph is built or loaded the first time its shape is met (`bench` runs one
@@ -29,6 +33,7 @@ sizes and strides of the inputs it indexes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -41,12 +46,16 @@ import torch
 from .forwards import Forwards, mtp_step, trunk_step
 from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
+from .small_matmuls import SmallMatmulsAsReductions
 
-COMPILE_OPTIONS: dict = {}
-"""Inductor's default Python wrapper. Its C++ wrapper (cpp_wrapper) calls the kernels without going back to Python
-between them, 1.3x faster steps on the shipped 20-layer model (plain decoding 140-170 vs 110-115 tokens/s), but
+COMPILE_OPTIONS: dict = {"post_grad_custom_post_pass": SmallMatmulsAsReductions()}
+"""Products over a few rows become inductor's own loops (small_matmuls.py); inductor keeps its default Python
+wrapper. Its C++ wrapper (cpp_wrapper) calls the kernels without going back to Python between them, 1.3x faster steps on the shipped 20-layer model (plain decoding 140-170 vs 110-115 tokens/s), but
 it builds each graph as one large C++ file: 5.5 minutes per step shape instead of 75 s, cold (both measured on
 this project's 2-core CPU), and a drafting runtime needs one graph per verify width."""
+
+SAVED_VARIANTS = 4
+"""Graphs kept per key for inputs that fail each other's guards; once every one is taken, the last is replaced."""
 
 GUARD_CHECKS = 2
 """Calls per new cache on which a graph's guards are still evaluated: the first one, and one with a longer span
@@ -60,7 +69,8 @@ def default_cache_dir() -> Path:
     return Path(cache_dir()) / "mtp_runtime_steps"
 
 
-TRACED_SOURCES = ("model", "forwards.py", "cache.py", "index_cache.py", "config.py", "compiled.py")
+TRACED_SOURCES = ("model", "forwards.py", "cache.py", "index_cache.py", "config.py", "compiled.py",
+                  "small_matmuls.py")
 """The package's files a step graph is traced from (the networks, their cache and config, the step functions),
 relative to the package: a saved graph is reused only while they are unchanged."""
 
@@ -77,17 +87,32 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _mark_dynamic(plan: AttentionPlan) -> None:
-    """The attended span grows every step and the capacity differs per request: neither may recompile."""
-    torch._dynamo.maybe_mark_dynamic(plan.mask, 2)
-    torch._dynamo.maybe_mark_dynamic(plan.cache.latent, 2)
+def _traced_copy(plan: AttentionPlan) -> AttentionPlan:
+    """The plan a graph is traced on: copies of its mask and cache latents, marked dynamic in the attended span
+    (it grows every step) and the capacity (it differs per request). A mark stays on its tensor, and a graph
+    loaded from disk rejects a marked tensor (its saved guards expect none), so the caller's cache, used by every
+    graph of a request, stays unmarked."""
+    cache = copy.copy(plan.cache)
+    cache.latent = _copy(plan.cache.latent)
+    traced = dataclasses.replace(plan, mask=_copy(plan.mask), cache=cache)
+    torch._dynamo.maybe_mark_dynamic(traced.mask, 2)
+    torch._dynamo.maybe_mark_dynamic(cache.latent, 2)
+    return traced
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy that is an inference tensor exactly when the original is (guards check that too)."""
+    with torch.inference_mode(tensor.is_inference()):
+        return tensor.clone()
 
 
 class StepGraph:
     """One compiled step shape; its guards are evaluated on its first GUARD_CHECKS calls per cache only."""
 
-    def __init__(self, function):
+    def __init__(self, function, path: Path):
         self.function = function
+        self.path = path
+        """The file it was loaded from or saved to."""
         function.disable_guard_check()
         self._checked: dict[tuple, int] = {}
 
@@ -144,32 +169,42 @@ class CompiledForwards(Forwards):
         graph = self._graphs.get(key)
         if graph is None or not graph.admits(args, plan):
             start = time.perf_counter()
-            graph = self._graphs[key] = self._build(fn, key, args, plan, reuse_saved=graph is None)
+            graph = self._graphs[key] = self._build(fn, key, args, plan, failed=graph.path if graph else None)
             self.compile_seconds += time.perf_counter() - start
         return graph(*args)
 
-    def _build(self, fn, key: tuple, args: tuple, plan: AttentionPlan, reuse_saved: bool) -> StepGraph:
-        """The saved graph of this key when it admits these inputs, else a newly compiled one (then saved)."""
-        path = self.cache_dir / (hashlib.sha256(repr(self._model_facts + key).encode()).hexdigest()[:40] + ".graph")
-        if reuse_saved and path.exists():
-            graph = self._load(path)
-            if graph is not None and graph.admits(args, plan):
+    def _build(self, fn, key: tuple, args: tuple, plan: AttentionPlan, failed: Path | None) -> StepGraph:
+        """A saved graph of this key that admits these inputs (not the `failed` one, whose guards just failed),
+        else a newly compiled one, saved in a free variant file (a missing or unreadable one; the last when none
+        is). The graph found replaces the key's graph in memory: a key holds one graph at a time, checked by its
+        guards on its first calls per cache."""
+        digest = hashlib.sha256(repr(self._model_facts + key).encode()).hexdigest()[:40]
+        paths = [self.cache_dir / f"{digest}{f'-{i}' if i else ''}.graph" for i in range(SAVED_VARIANTS)]
+        free = None
+        for path in paths:
+            if path == failed:
+                continue
+            graph = self._load(path) if path.exists() else None
+            if graph is None:
+                free = free or path
+            elif graph.admits(args, plan):
                 self.graphs_loaded += 1
                 return graph
-        _mark_dynamic(plan)
+        traced = args[:-1] + (_traced_copy(plan),)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             function = torch.compile(fn, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS).aot_compile(
-                (args, {}))
+                (traced, {}))
         self.graphs_built += 1
+        path = free or paths[-1]
         self._save(function, path)
-        return StepGraph(function)
+        return StepGraph(function, path)
 
     @staticmethod
     def _load(path: Path) -> StepGraph | None:
         """A saved graph, or None when the file cannot be read as one (it is then compiled and saved afresh)."""
         try:
             with open(path, "rb") as file:
-                return StepGraph(torch.compiler.load_compiled_function(file))
+                return StepGraph(torch.compiler.load_compiled_function(file), path)
         except Exception:  # a truncated or incompatible file is a cache miss, not an error
             return None
 
@@ -178,6 +213,6 @@ class CompiledForwards(Forwards):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             function.save_compiled_function(str(path))
-        except OSError as error:
+        except Exception as error:  # a graph that cannot be kept still serves this process
             warnings.warn(f"compiled step graph not saved to {path} ({error}); the next process compiles it again",
                           stacklevel=3)

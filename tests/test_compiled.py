@@ -1,6 +1,6 @@
 """Compiled decoding (Runtime.compile: batch-1 step forwards through compiled step graphs) gives the eager
-tokens; saved graphs load in a new runtime with the same tokens; a graph whose guards fail is compiled afresh; a
-graph checks its guards on its first calls per cache.
+tokens; saved graphs load in a new runtime with the same tokens; a graph whose guards fail is compiled afresh and
+saved beside the first; a graph checks its guards on its first calls per cache.
 
 Compiling costs seconds per step shape even on the tiny test model, so one module-scoped runtime compiles a
 handful of shapes once and every test reuses them.
@@ -8,13 +8,15 @@ handful of shapes once and every test reuses them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from builders import build_mostly_right
 from mtp_runtime import load
 from mtp_runtime.cache import LatentCache
-from mtp_runtime.compiled import GUARD_CHECKS, StepGraph
+from mtp_runtime.compiled import GUARD_CHECKS, SAVED_VARIANTS, StepGraph
 from mtp_runtime.model.plan import AttentionPlan, causal_visibility
 
 PROMPT = [9, 9, 31, 2, 60, 12, 7]
@@ -82,17 +84,44 @@ def test_inputs_that_break_a_graphs_guards_compile_afresh_and_stay_right(pair):
     _, compiled = pair
     forwards = compiled.forwards
     model = compiled.model
-    cfg = model.config
-    cache = LatentCache(cfg.num_hidden_layers, 1, 32, cfg.kv_lora_rank, cfg.qk_rope_head_dim, initial_length=5)
-    positions = cache.lengths[:, None] + 0
-    plan = AttentionPlan.over_cache(cache, positions, causal_visibility(1, 1, positions, 0))
+    plan = _one_token_plan(model.config)
     tokens = torch.tensor([[7]])
     with torch.inference_mode():
         expected = model.logits(model.forward_trunk(tokens, plan))
         assert torch.allclose(forwards.trunk(tokens, plan)[1], expected, atol=1e-5)
-        built = forwards.graphs_built
+        found = forwards.graphs_built + forwards.graphs_loaded
         int32 = forwards.trunk(tokens.int(), plan)[1]  # the same key; its graph's guards name int64 tokens
-        assert forwards.graphs_built == built + 1 and torch.allclose(int32, expected, atol=1e-5)
+        # a graph of its own: compiled, or loaded where an earlier run saved it beside the int64 one
+        assert forwards.graphs_built + forwards.graphs_loaded == found + 1
+        assert torch.allclose(int32, expected, atol=1e-5)
+
+
+def _one_token_plan(cfg) -> AttentionPlan:
+    cache = LatentCache(cfg.num_hidden_layers, 1, 32, cfg.kv_lora_rank, cfg.qk_rope_head_dim, initial_length=5)
+    positions = cache.lengths[:, None] + 0
+    return AttentionPlan.over_cache(cache, positions, causal_visibility(1, 1, positions, 0))
+
+
+def test_graphs_of_inputs_failing_each_others_guards_are_all_kept_on_disk(folder, tmp_path):
+    """int64 and int32 token ids share a key but not guards: each gets its own saved graph, and a new runtime
+    loads both (before, the second overwrote the first, and every process compiled again)."""
+    tokens = torch.tensor([[7]])
+
+    def forwards_after_both_calls():
+        runtime = load(folder, device="cpu")
+        runtime.compile(cache_dir=tmp_path)
+        plan = _one_token_plan(runtime.config)
+        with torch.inference_mode():
+            expected = runtime.model.logits(runtime.model.forward_trunk(tokens, plan))
+            for ids in (tokens, tokens.int(), tokens, tokens.int()):  # each switch fails the other's guards
+                assert torch.allclose(runtime.forwards.trunk(ids, plan)[1], expected, atol=1e-5)
+        return runtime.forwards
+
+    first = forwards_after_both_calls()
+    assert first.graphs_built == 2 and first.graphs_loaded == 2 and len(list(tmp_path.glob("*.graph"))) == 2
+    second = forwards_after_both_calls()
+    assert second.graphs_built == 0 and second.graphs_loaded == 4
+    assert SAVED_VARIANTS >= 2
 
 
 class _Function:
@@ -117,11 +146,11 @@ def _plan(capacity: int) -> AttentionPlan:
 
 def test_a_step_graph_checks_its_guards_on_its_first_calls_per_cache_only():
     function = _Function(guards_pass=True)
-    graph = StepGraph(function)
+    graph = StepGraph(function, Path("unused.graph"))
     plan = _plan(16)
     for _ in range(GUARD_CHECKS + 3):
         assert graph.admits((), plan)
     assert function.checks == GUARD_CHECKS
     assert graph.admits((), _plan(32))  # a new cache is checked again
     assert function.checks == GUARD_CHECKS + 1
-    assert not StepGraph(_Function(guards_pass=False)).admits((), plan)
+    assert not StepGraph(_Function(guards_pass=False), Path("unused.graph")).admits((), plan)

@@ -230,17 +230,19 @@ def naive_moe(moe, cfg, x):
     return out + swiglu(x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
 
 
-def _pair_path_edges(model) -> list[int]:
-    """Token counts on both sides of moe.PAIRS_MAX for this model's top-k."""
-    most = moe.PAIRS_MAX // model.config.num_experts_per_tok
-    return [1, most, most + 1, 3 * most]
+def _expert_path_edges(model) -> list[int]:
+    """Token counts on both sides of moe.PAIRS_MAX (for this model's top-k) and of moe.DENSE_MAX_TOKENS."""
+    most, dense = moe.PAIRS_MAX // model.config.num_experts_per_tok, moe.DENSE_MAX_TOKENS
+    assert most < dense
+    return [1, most, most + 1, dense, dense + 1, 3 * dense]
 
 
-@pytest.mark.parametrize("edge", range(4))
-def test_moe_matches_naive_reference_on_both_expert_paths(model, edge):
-    """Pair by pair (up to PAIRS_MAX pairs) and the grouped matmul (past it) both give the naive per-token loop."""
+@pytest.mark.parametrize("edge", range(6))
+def test_moe_matches_naive_reference_on_every_expert_path(model, edge):
+    """Pair by pair (up to PAIRS_MAX pairs), dense (up to DENSE_MAX_TOKENS tokens) and the grouped matmul (past
+    it) all give the naive per-token loop."""
     cfg = model.config
-    tokens = _pair_path_edges(model)[edge]
+    tokens = _expert_path_edges(model)[edge]
     layer = next(layer for layer in model.model.layers if isinstance(layer.mlp, moe.MoE))
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(30 + edge))
     torch.testing.assert_close(layer.mlp(x[None])[0], naive_moe(layer.mlp, cfg, x), atol=LOGITS_ATOL, rtol=1e-4)

@@ -6,6 +6,8 @@ Routed experts never copy weights:
   model is bound by the bytes of weights it reads). The expert ids are read once (on the host in eager mode;
   as unbacked integers inside a compiled graph, which unrolls the pairs of its fixed shape without a graph
   break);
+* up to DENSE_MAX_TOKENS tokens: every expert on every token, weighted by its routing weight (zero where not
+  chosen), one matmul per projection over all experts' weights at once: no sort, no host read;
 * more tokens: sorted by expert, then one grouped matmul per projection over every expert's segment
   (`grouped_swiglu`, an op of its own), which reads each used expert once; training runs each expert once on its
   segment instead (`swiglu_per_expert`, differentiable).
@@ -27,6 +29,15 @@ larger part. Compiled trunk over n nodes of real text, shipped 20-layer model, 2
 alternating calls (BENCHMARKS.md §14): n=3 13.6 ms pair by pair vs 17.0 grouped, n=5 16.4 vs 18.3, n=7 20.5 vs
 20.4 (§12 measured 16 pairs: 2.68 vs 2.09 plain steps compiled). One token always runs per pair: it reads only
 its own experts."""
+
+
+DENSE_MAX_TOKENS = 12
+"""Past PAIRS_MAX pairs and up to this many tokens, the experts run densely. Such a step uses most experts anyway
+(a 9-node verify of real text: 5-6 of the shipped model's 8 per layer), and reading all of them in three matmuls
+costs less than the grouped path's sort, op call and grouped matmuls (which on the CPU copy the transposed
+weights they are given): compiled trunk over 7 / 9 / 12 nodes 14.0 / 21.5 / 22.9 ms vs 16.8 / 25.5 / 24.3 ms
+grouped (at 16 nodes the two are even), eager experts over 9 tokens 571 vs 681 us per layer (BENCHMARKS.md
+§15)."""
 
 
 class DenseMLP(nn.Module):
@@ -133,6 +144,8 @@ class RoutedExperts(nn.Module):
             return torch.zeros_like(x)
         if x.shape[0] * ids.shape[1] <= PAIRS_MAX:
             return self._per_pair(x, weights, ids)
+        if x.shape[0] <= DENSE_MAX_TOKENS:
+            return self._dense(x, weights, ids)
         experts, k = self.gate_proj.shape[0], ids.shape[1]
         flat_ids = ids.reshape(-1)  # [T * k]
         order = flat_ids.argsort(stable=True)
@@ -143,6 +156,16 @@ class RoutedExperts(nn.Module):
         outputs = segments(x[token_of], counts.cumsum(0), self.gate_proj, self.up_proj, self.down_proj)
         scaled = outputs * weights.reshape(-1)[order, None].to(outputs.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, scaled)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]: every expert on every token, each output weighted by the token's routing weight for it."""
+        t, (experts, inner, hidden) = x.shape[0], self.gate_proj.shape
+        routing = torch.zeros(t, experts, dtype=x.dtype, device=x.device).scatter_(1, ids, weights.to(x.dtype))
+        gate = F.linear(x, self.gate_proj.reshape(experts * inner, hidden)).view(t, experts, inner)
+        up = F.linear(x, self.up_proj.reshape(experts * inner, hidden)).view(t, experts, inner)
+        chosen = routing[:, :, None] != 0  # [T, E, 1]: an expert a token did not choose adds an exact zero
+        act = torch.where(chosen, F.silu(gate) * up * routing[:, :, None], 0.0).transpose(0, 1)  # [E, T, I]
+        return torch.bmm(act, self.down_proj.transpose(1, 2)).sum(0)  # [E, T, H] -> [T, H]
 
     def _per_pair(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]: each (token, chosen expert) pair on views of that expert's weights."""
