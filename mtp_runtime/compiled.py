@@ -26,9 +26,10 @@ process misses them.
 
 Only batch-1 forwards are compiled (a batch shrinks as rows finish, and each size would be a new graph); larger
 batches and prefills run eagerly. A graph is built or loaded the first time its shape is met (`bench` runs one
-untimed warm-up call per configuration for that); `compile_seconds` counts that time. An input whose layout
-differs from the traced one without a guard check still fails loudly: inductor's generated code asserts the
-sizes and strides of the inputs it indexes.
+untimed warm-up call per configuration for that); `compile_seconds` counts that time. Inductor's generated code
+does not assert the sizes and strides of its inputs (COMPILE_OPTIONS); instead a graph evaluates its guards again
+whenever a step's own tensors (tokens, hidden states, the plan's positions, slots and mask) come in a layout it has
+not yet been checked against (`StepGraph.admits`).
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ from .model import DeepseekForCausalLM
 from .model.plan import AttentionPlan
 from .small_matmuls import SmallMatmulsAsReductions
 
-COMPILE_OPTIONS: dict = {"post_grad_custom_post_pass": SmallMatmulsAsReductions()}
-"""Products over a few rows become inductor's own loops (small_matmuls.py); inductor keeps its default Python
-wrapper. Its C++ wrapper (cpp_wrapper) calls the kernels without going back to Python between them, 1.3x faster steps on the shipped 20-layer model (plain decoding 140-170 vs 110-115 tokens/s), but
-it builds each graph as one large C++ file: 5.5 minutes per step shape instead of 75 s, cold (both measured on
-this project's 2-core CPU), and a drafting runtime needs one graph per verify width."""
+COMPILE_OPTIONS: dict = {"post_grad_custom_post_pass": SmallMatmulsAsReductions(), "size_asserts": False,
+                         "alignment_asserts": False}
+"""Products over a few rows become inductor's own loops (small_matmuls.py). The generated wrapper asserts no input
+layouts: it asserted every input's sizes and strides (parameters included, about 450 checks for the shipped 20-layer
+trunk), 0.55 ms of a 6.5 ms plain step (BENCHMARKS.md §16); `StepGraph.admits` checks the layouts that can change.
+Inductor keeps its default Python wrapper. Its C++ wrapper (cpp_wrapper) was no faster than this one without the
+asserts (a 4-layer cut of the trunk: 1.356 vs 1.358 ms a step), and it builds each graph as one large C++ file: 5.5
+minutes per step shape instead of 75 s, cold (measured on this project's 2-core CPU)."""
 
 SAVED_VARIANTS = 4
 """Graphs kept per key for inputs that fail each other's guards; once every one is taken, the last is replaced."""
@@ -107,7 +111,8 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class StepGraph:
-    """One compiled step shape; its guards are evaluated on its first GUARD_CHECKS calls per cache only."""
+    """One compiled step shape; its guards are evaluated on its first GUARD_CHECKS calls per cache, and again on a
+    call whose step tensors come in a layout not yet checked."""
 
     def __init__(self, function, path: Path):
         self.function = function
@@ -115,20 +120,32 @@ class StepGraph:
         """The file it was loaded from or saved to."""
         function.disable_guard_check()
         self._checked: dict[tuple, int] = {}
+        self._layouts: set[tuple] = set()
 
     def admits(self, args: tuple, plan: AttentionPlan) -> bool:
-        """Whether the graph is valid for these inputs: known for a cache it already ran on, else its guards."""
+        """Whether the graph is valid for these inputs: known for a cache it already ran on and step tensors in a
+        layout it already ran on, else its guards."""
         cache = (id(plan.cache.latent), tuple(plan.cache.latent.shape))
         calls = self._checked.get(cache, 0)
-        if calls >= GUARD_CHECKS:
+        layout = _layout(args, plan)
+        if calls >= GUARD_CHECKS and layout in self._layouts:
             return True
         if not self.function.guard_check(*args):
             return False
         self._checked[cache] = calls + 1
+        self._layouts.add(layout)
         return True
 
     def __call__(self, *args):
         return self.function(*args)
+
+
+def _layout(args: tuple, plan: AttentionPlan) -> tuple:
+    """The layout of a step's own tensors (its tensor arguments, the plan's positions, slots and mask): dtype and
+    rank of a contiguous one (sizes are fixed by the graph's key, the mask's span aside), strides of any other."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [plan.positions, plan.slots, plan.mask]
+    return tuple((t.dtype, t.dim()) if t.is_contiguous() else (t.dtype, t.stride()) for t in tensors
+                 if t is not None)
 
 
 class CompiledForwards(Forwards):

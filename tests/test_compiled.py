@@ -154,3 +154,19 @@ def test_a_step_graph_checks_its_guards_on_its_first_calls_per_cache_only():
     assert graph.admits((), _plan(32))  # a new cache is checked again
     assert function.checks == GUARD_CHECKS + 1
     assert not StepGraph(_Function(guards_pass=False), Path("unused.graph")).admits((), plan)
+
+
+def test_a_step_graph_checks_its_guards_again_for_step_tensors_in_a_new_layout():
+    function = _Function(guards_pass=True)
+    graph = StepGraph(function, Path("unused.graph"))
+    plan, hidden = _plan(16), torch.zeros(1, 3, 8)
+    for _ in range(GUARD_CHECKS + 2):
+        assert graph.admits((hidden,), plan)
+    assert function.checks == GUARD_CHECKS
+    assert graph.admits((torch.zeros(1, 3, 16)[..., ::2],), plan)  # strided: checked
+    assert graph.admits((hidden.to(torch.float64),), plan)  # another dtype: checked
+    assert function.checks == GUARD_CHECKS + 2
+    assert graph.admits((hidden + 1,), plan)  # contiguous again: known
+    assert function.checks == GUARD_CHECKS + 2
+    function.guards_pass = False
+    assert not graph.admits((hidden.transpose(1, 2),), plan)
