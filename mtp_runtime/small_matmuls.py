@@ -6,9 +6,10 @@ last-level cache reads every weight from memory once per step, and those reads a
 them once for one row (sgemv), but from two rows on its sgemm first packs the weight into a blocked copy, which
 costs as much again: on this project's 2-core CPU, a [128, 160] float32 matrix out of cache took 20 us for 1 row
 and 24-36 us for 2-9 rows, where inductor's loop over [rows, out, in] (vectorised along `in`, the contiguous
-dimension of both operands) reads each element once for all rows, fused with the work around it. Compiled
-trunk of the shipped 20-layer model over 256 cached tokens (BENCHMARKS.md §15): a plain step 1.4-1.5x faster,
-a 5-node verify 1.6x.
+dimension of both operands) needs no packed copy and is fused with the work around it. That loop reads the
+weight once per row and is bound by its one accumulator and lane sum per output, so its cost still grows with the
+rows (BENCHMARKS.md §16; reading each weight row once for all rows was no faster in the trunk). Compiled trunk of
+the shipped 20-layer model over 256 cached tokens (§15): a plain step 1.4-1.5x faster, a 5-node verify 1.6x.
 """
 
 from __future__ import annotations
@@ -39,16 +40,21 @@ def _as_reduction(match: Match, inputs: list[torch.fx.Node], product) -> None:
         node.meta["inductor_realize_to_strides"] = True
 
 
+def _rows_times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] as a product and a sum: [M, K, N] -> [M, N]."""
+    return (a[:, :, None] * b[None, :, :]).sum(1)
+
+
 @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_PATTERNS)
 def _mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
     if _few_rows(a, b):
-        _as_reduction(match, [a, b], lambda a, b: (a[:, :, None] * b[None, :, :]).sum(1))  # [M, K, N] -> [M, N]
+        _as_reduction(match, [a, b], _rows_times)
 
 
 @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=_PATTERNS)
 def _addmm(match: Match, bias: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> None:
     if _few_rows(a, b):
-        _as_reduction(match, [bias, a, b], lambda bias, a, b: (a[:, :, None] * b[None, :, :]).sum(1) + bias)
+        _as_reduction(match, [bias, a, b], lambda bias, a, b: _rows_times(a, b) + bias)
 
 
 @register_graph_pattern(CallFunction(aten.bmm, Arg(), Arg()), pass_dict=_PATTERNS)
